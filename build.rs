@@ -1,0 +1,12 @@
+//! Generates the gRPC code from `proto/` with protox, so no system `protoc` is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::compile(["kms_v2.proto", "kms_v1beta1.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .bytes(".")
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! Remote KMS backends: where the root key lives and never leaves.
+//!
+//! A backend does four things: names its current root key (`probe`), wraps a local KEK under
+//! that key, unwraps a wrapped KEK under a named key, and says which key_ids it can unwrap
+//! under. Everything else (caching, rotation, the wire) lives in the core, written once.
+
+pub mod delay;
+pub mod local;
+
+use async_trait::async_trait;
+
+use crate::keys::Kek;
+
+/// A wrapped local KEK and the root key_id it was wrapped under.
+pub struct Wrapped {
+    /// key_id of the root key that wrapped the KEK; reported to the apiserver.
+    pub key_id: String,
+    /// Opaque bytes only the same backend (and root key) can unwrap.
+    pub blob: Vec<u8>,
+}
+
+/// What a backend failure means for the caller; decides the gRPC code and whether to retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Network, throttling, timeout: worth retrying, the key is fine.
+    Transient,
+    /// The backend refused us (credentials, policy, wrong PIN).
+    Denied,
+    /// The root key exists but cannot be used (disabled, pending deletion, destroyed).
+    KeyUnusable,
+    /// The key_id does not name a root key this backend was configured with.
+    UnknownKey,
+    /// The wrapped bytes do not unwrap under the named key (tampered or foreign).
+    BadWrappedKey,
+}
+
+/// A backend failure. `detail` is for logs only and must not contain key material.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{kind:?}: {detail}")]
+pub struct BackendError {
+    pub kind: ErrorKind,
+    pub detail: String,
+}
+
+impl BackendError {
+    pub fn new(kind: ErrorKind, detail: impl Into<String>) -> Self {
+        Self {
+            kind,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// A root-key holder. Implementations must be cheap to share (`Arc<dyn Backend>`).
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Short name for logs: "local", "pkcs11", "aws".
+    fn name(&self) -> &'static str;
+
+    /// Health probe: reaches the root key store and returns the current root key_id.
+    /// May make a remote round trip; only background tasks call it.
+    async fn probe(&self) -> Result<String, BackendError>;
+
+    /// Whether `key_id` names a root key this backend can unwrap under (current or older).
+    fn knows(&self, key_id: &str) -> bool;
+
+    /// Wraps `kek` under the current root key.
+    async fn wrap(&self, kek: &Kek) -> Result<Wrapped, BackendError>;
+
+    /// Unwraps `blob` under the root key named `key_id`.
+    async fn unwrap(&self, key_id: &str, blob: &[u8]) -> Result<Kek, BackendError>;
+}

@@ -1,0 +1,67 @@
+//! The plugin's one error type and its one mapping to gRPC status codes.
+//!
+//! Messages sent to the apiserver name what was wrong with the request and never carry backend
+//! details, key material or request bytes; backend details go to the log only.
+
+use tonic::{Code, Status};
+
+use crate::backend::{BackendError, ErrorKind};
+use crate::keys::envelope::EnvelopeError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed (sizes, missing fields, foreign annotations).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The ciphertext's framing or authentication failed.
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    /// The key_id names no root key this plugin was configured with.
+    #[error("key_id is not known to this plugin")]
+    UnknownKeyId,
+    /// The remote KMS failed; `kind` decides the code.
+    #[error("backend: {0}")]
+    Backend(#[from] BackendError),
+    /// No usable local KEK (start-up before the first wrap succeeded).
+    #[error("no local KEK is available yet")]
+    NotReady,
+    /// A local failure that is not the caller's fault (random number generator).
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+impl Error {
+    /// The gRPC code for this error.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::Envelope(EnvelopeError::Authentication) => Code::DataLoss,
+            Error::Envelope(_) => Code::InvalidArgument,
+            Error::UnknownKeyId => Code::NotFound,
+            Error::Backend(e) => match e.kind {
+                ErrorKind::Transient => Code::Unavailable,
+                ErrorKind::Denied => Code::PermissionDenied,
+                ErrorKind::KeyUnusable => Code::FailedPrecondition,
+                ErrorKind::UnknownKey => Code::NotFound,
+                ErrorKind::BadWrappedKey => Code::DataLoss,
+            },
+            Error::NotReady => Code::Unavailable,
+            Error::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// The status sent to the apiserver: the code and a message free of backend detail.
+    pub fn to_status(&self) -> Status {
+        let msg = match self {
+            Error::Backend(e) => match e.kind {
+                ErrorKind::Transient => "remote KMS unavailable".to_string(),
+                ErrorKind::Denied => "remote KMS denied access".to_string(),
+                ErrorKind::KeyUnusable => "root key is disabled or deleted".to_string(),
+                ErrorKind::UnknownKey => "key_id is not known to this plugin".to_string(),
+                ErrorKind::BadWrappedKey => "wrapped KEK failed to unwrap".to_string(),
+            },
+            other => other.to_string(),
+        };
+        Status::new(self.code(), msg)
+    }
+}

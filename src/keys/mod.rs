@@ -1,0 +1,284 @@
+//! The key hierarchy: root key (in the backend) → local KEK (in memory) → apiserver seed.
+//!
+//! Security contract:
+//! - a local KEK exists in plaintext only in this process's memory, in a zeroizing buffer; it
+//!   leaves the process only wrapped by the backend's root key (in the response annotation);
+//! - every seal uses a fresh random 96-bit nonce, and a KEK is retired after `max_uses` seals or
+//!   `max_age`, far below the 2^32 random-nonce bound;
+//! - Encrypt, Status and cached Decrypt never wait on the backend; only the very first KEK may
+//!   be made on a request path, every later one is made by the background rotation task.
+
+pub mod aead;
+pub mod cache;
+pub mod envelope;
+pub mod rotation;
+mod secret;
+
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use ring::rand::SystemRandom;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+pub use secret::{KEY_LEN, Kek, Plaintext};
+
+use crate::backend::{Backend, BackendError, ErrorKind};
+use crate::contract;
+use crate::error::Error;
+use crate::logging::KeyIdHash;
+use cache::{KekCache, KekRef};
+use envelope::Envelope;
+use rotation::{Reason, RotationPolicy};
+
+/// The local KEK new seeds are sealed under, and what Status reports.
+pub struct CurrentKek {
+    key_id: String,
+    kek: Arc<Kek>,
+    kek_ref: KekRef,
+    wrapped: bytes::Bytes,
+    created: Instant,
+    uses: AtomicU64,
+}
+
+impl CurrentKek {
+    /// key_id of the root key that wrapped this KEK.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    /// Seconds since this KEK was made.
+    pub fn age(&self) -> Duration {
+        self.created.elapsed()
+    }
+
+    /// Seeds sealed under this KEK so far.
+    pub fn uses(&self) -> u64 {
+        self.uses.load(Relaxed)
+    }
+}
+
+/// The result of Encrypt: what goes back to the apiserver.
+pub struct Sealed {
+    pub ciphertext: Vec<u8>,
+    pub key_id: String,
+    pub wrapped_kek: bytes::Bytes,
+}
+
+/// The plugin's keys: the current local KEK, the cache of unwrapped KEKs, and the backend.
+pub struct Keys {
+    backend: Arc<dyn Backend>,
+    current: ArcSwapOption<CurrentKek>,
+    cache: Arc<KekCache>,
+    policy: RotationPolicy,
+    rng: SystemRandom,
+    rotate_soon: Notify,
+    rotating: tokio::sync::Mutex<()>,
+    rotations: AtomicU64,
+}
+
+impl Keys {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        policy: RotationPolicy,
+        cache_capacity: NonZeroUsize,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            backend,
+            current: ArcSwapOption::empty(),
+            cache: KekCache::new(cache_capacity),
+            policy,
+            rng: SystemRandom::new(),
+            rotate_soon: Notify::new(),
+            rotating: tokio::sync::Mutex::new(()),
+            rotations: AtomicU64::new(0),
+        })
+    }
+
+    /// The current local KEK, if one has been made. Lock-free; what Status reads.
+    pub fn current(&self) -> Option<Arc<CurrentKek>> {
+        self.current.load_full()
+    }
+
+    /// The cache of unwrapped KEKs (for metrics and tests).
+    pub fn cache(&self) -> &KekCache {
+        &self.cache
+    }
+
+    /// The backend behind the hierarchy.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Local KEKs made by this process so far.
+    pub fn rotations(&self) -> u64 {
+        self.rotations.load(Relaxed)
+    }
+
+    /// Seals a seed under the current local KEK. The caller has checked its length.
+    pub async fn encrypt(&self, plaintext: &[u8]) -> Result<Sealed, Error> {
+        let cur = match self.current() {
+            Some(cur) => cur,
+            // Only the very first KEK is ever made on a request path.
+            None => {
+                self.rotate(Reason::First).await?;
+                self.current().ok_or(Error::NotReady)?
+            }
+        };
+        if cur.uses.fetch_add(1, Relaxed) + 1 >= self.policy.max_uses {
+            self.rotate_soon.notify_one();
+        }
+        let ciphertext = envelope::seal(&cur.kek, &cur.key_id, &cur.kek_ref, plaintext, &self.rng)
+            .map_err(|_| Error::Internal("random number generator failed"))?;
+        Ok(Sealed {
+            ciphertext,
+            key_id: cur.key_id.clone(),
+            wrapped_kek: cur.wrapped.clone(),
+        })
+    }
+
+    /// Opens a seed. Checks, in order: framing, that the key_id is known, the KEK (cache, else
+    /// one coalesced backend unwrap), then the envelope's authentication.
+    pub async fn decrypt(
+        &self,
+        key_id: &str,
+        wrapped_kek: &bytes::Bytes,
+        ciphertext: &[u8],
+    ) -> Result<Plaintext, Error> {
+        let envelope = Envelope::parse(ciphertext)?;
+        if !self.backend.knows(key_id) {
+            return Err(Error::UnknownKeyId);
+        }
+        let kek_ref = KekRef::new(key_id, wrapped_kek);
+        let kek = self
+            .cache
+            .get_or_fetch(kek_ref, key_id, || {
+                let (backend, key_id, blob) = (
+                    Arc::clone(&self.backend),
+                    key_id.to_owned(),
+                    wrapped_kek.clone(),
+                );
+                async move { unwrap_logged(&*backend, &key_id, &blob).await }
+            })
+            .await?;
+        Ok(envelope.open(&kek, key_id, &kek_ref)?)
+    }
+
+    /// Makes a new local KEK wrapped under the backend's current root key and makes it current.
+    /// Serialised: concurrent callers wait, and a `First` request finding a KEK does nothing.
+    pub async fn rotate(&self, reason: Reason) -> Result<(), Error> {
+        let _guard = self.rotating.lock().await;
+        if reason == Reason::First && self.current.load().is_some() {
+            return Ok(());
+        }
+        let kek = Kek::generate(&self.rng)
+            .map_err(|_| Error::Internal("random number generator failed"))?;
+        let started = Instant::now();
+        let wrapped = self.backend.wrap(&kek).await;
+        info!(
+            backend = self.backend.name(),
+            op = "wrap",
+            ok = wrapped.is_ok(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "backend call"
+        );
+        let wrapped = wrapped?;
+        // A KEK the apiserver would refuse must never become current.
+        contract::check_key_id(&wrapped.key_id).map_err(|why| {
+            BackendError::new(
+                ErrorKind::KeyUnusable,
+                format!("backend key_id unusable: {why}"),
+            )
+        })?;
+        if wrapped.blob.is_empty() || wrapped.blob.len() > contract::MAX_WRAPPED_KEK {
+            return Err(BackendError::new(
+                ErrorKind::KeyUnusable,
+                "wrapped KEK size out of bounds",
+            )
+            .into());
+        }
+        let kek_ref = KekRef::new(&wrapped.key_id, &wrapped.blob);
+        let kek = Arc::new(kek);
+        self.cache
+            .insert(kek_ref, &wrapped.key_id, Arc::clone(&kek));
+        let previous = self.current.swap(Some(Arc::new(CurrentKek {
+            kek,
+            kek_ref,
+            wrapped: wrapped.blob.into(),
+            created: Instant::now(),
+            uses: AtomicU64::new(0),
+            key_id: wrapped.key_id,
+        })));
+        self.rotations.fetch_add(1, Relaxed);
+        let cur = self.current().expect("just stored");
+        let root_changed = previous.as_ref().is_some_and(|p| p.key_id != cur.key_id);
+        info!(
+            reason = reason.as_str(),
+            key_id_hash = %KeyIdHash(&cur.key_id),
+            root_key_changed = root_changed,
+            "new local KEK is current"
+        );
+        Ok(())
+    }
+
+    /// The background task: makes the first KEK if start-up could not, follows the backend's
+    /// current root key, and retires KEKs by age and use count. Runs until `shutdown` fires.
+    pub async fn run_rotation(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut failures = 0u32;
+        loop {
+            let wait = match (failures, self.current()) {
+                (0, Some(cur)) => self.policy.next_check(cur.age()),
+                (0, None) => Duration::ZERO,
+                // Back off after failures: 1 s, 2 s, 4 s … capped at the check interval.
+                (n, _) => Duration::from_secs(1 << n.min(6)).min(self.policy.check_interval),
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.rotate_soon.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+            match self.check_and_rotate().await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    warn!(error = %e, failures, "local KEK rotation check failed; will retry");
+                }
+            }
+        }
+    }
+
+    /// One pass of the rotation task: probe the backend, rotate if anything is due.
+    pub async fn check_and_rotate(&self) -> Result<(), Error> {
+        let root = self.backend.probe().await?;
+        let reason = match self.current() {
+            None => Some(Reason::First),
+            Some(cur) if cur.key_id != root => Some(Reason::RootKeyChanged),
+            Some(cur) => self.policy.due(cur.age(), cur.uses()),
+        };
+        match reason {
+            Some(reason) => self.rotate(reason).await,
+            None => Ok(()),
+        }
+    }
+}
+
+async fn unwrap_logged(
+    backend: &dyn Backend,
+    key_id: &str,
+    blob: &[u8],
+) -> Result<Kek, BackendError> {
+    let started = Instant::now();
+    let result = backend.unwrap(key_id, blob).await;
+    info!(
+        backend = backend.name(),
+        op = "unwrap",
+        ok = result.is_ok(),
+        key_id_hash = %KeyIdHash(key_id),
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "backend call"
+    );
+    result
+}

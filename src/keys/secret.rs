@@ -1,0 +1,57 @@
+//! Secret key material in types that wipe themselves and cannot be printed.
+//!
+//! Neither type implements `Debug`, `Display`, `Clone` or `serde::Serialize`; the only way to
+//! read the bytes is the explicitly named `expose` call, which keeps every use greppable.
+
+use ring::rand::{SecureRandom, SystemRandom};
+use zeroize::Zeroizing;
+
+/// Length of every AES-256 key in this plugin (local KEKs and local root keys).
+pub const KEY_LEN: usize = 32;
+
+/// A 256-bit AES key (a local KEK or a local root key). Wiped on drop.
+pub struct Kek(Zeroizing<[u8; KEY_LEN]>);
+
+impl Kek {
+    /// A fresh key from the operating system's CSPRNG.
+    pub fn generate(rng: &SystemRandom) -> Result<Self, ring::error::Unspecified> {
+        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+        rng.fill(bytes.as_mut())?;
+        Ok(Self(bytes))
+    }
+
+    /// Takes ownership of key bytes; the caller's buffer should itself be zeroizing.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != KEY_LEN {
+            return None;
+        }
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        key.copy_from_slice(bytes);
+        Some(Self(key))
+    }
+
+    /// The raw key bytes. Never log, store or send them unwrapped.
+    pub fn expose(&self) -> &[u8; KEY_LEN] {
+        &self.0
+    }
+}
+
+/// Plaintext handed to Encrypt or returned by Decrypt (the apiserver's seed). Wiped on drop.
+pub struct Plaintext(Zeroizing<Vec<u8>>);
+
+impl Plaintext {
+    /// Wraps a plaintext buffer so it is wiped when dropped.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+
+    /// The plaintext bytes. Never log them.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Hands the buffer to the wire encoder; from here on the transport owns it.
+    pub fn into_wire(mut self) -> Vec<u8> {
+        std::mem::take(&mut *self.0)
+    }
+}

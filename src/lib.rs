@@ -1,0 +1,116 @@
+//! A Kubernetes KMS v2 plugin with a local key hierarchy.
+//!
+//! Module map: `service` (the gRPC surface, one module per method) and `contract` (what the
+//! apiserver accepts); `keys` (the hierarchy: envelope format, KEK cache, rotation); `backend`
+//! (where root keys live); `server` (socket and shutdown), `settings`, `logging` (operations);
+//! `client` (a KMS v2 client for the CLI, tests and benchmarks).
+#![forbid(unsafe_code)]
+
+pub mod backend;
+pub mod client;
+pub mod contract;
+pub mod error;
+pub mod keys;
+pub mod logging;
+pub mod server;
+pub mod service;
+pub mod settings;
+
+/// Generated gRPC code for the KMS APIs in `proto/`.
+pub mod proto {
+    pub mod v2 {
+        tonic::include_proto!("v2");
+    }
+    pub mod v1beta1 {
+        tonic::include_proto!("v1beta1");
+    }
+}
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use backend::Backend;
+use keys::Keys;
+use keys::rotation::Reason;
+use logging::KeyIdHash;
+use settings::{BackendSettings, Settings};
+
+/// Why the plugin could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    KeyFile(#[from] backend::local::KeyFileError),
+    #[error(transparent)]
+    Socket(#[from] server::socket::SocketError),
+    #[error("socket.path: {0}")]
+    Address(String),
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Builds the configured backend (wrapped in the latency injector if a benchmark asks for it).
+pub fn build_backend(settings: &Settings) -> Result<Arc<dyn Backend>, StartError> {
+    let backend: Arc<dyn Backend> = match &settings.backend {
+        BackendSettings::Local {
+            current_key_file,
+            decrypt_only_key_files,
+        } => Arc::new(backend::local::LocalBackend::open(
+            current_key_file,
+            decrypt_only_key_files,
+        )?),
+    };
+    Ok(match settings.bench.backend_latency {
+        Some(latency) => {
+            warn!(
+                latency_ms = latency.as_millis() as u64,
+                "bench.backend_latency is set: every backend call is delayed"
+            );
+            Arc::new(backend::delay::Delayed::new(backend, latency))
+        }
+        None => backend,
+    })
+}
+
+/// Runs the plugin until `shutdown` resolves: makes the first local KEK, binds the socket,
+/// serves, then drains, removes the socket and drops (wipes) every key.
+pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let backend = build_backend(&settings)?;
+    let keys = Keys::new(backend, settings.kek.policy(), settings.kek.cache_capacity);
+    // Make the first KEK before binding, so the apiserver's first Status is already healthy.
+    // If the backend is down, start anyway: Status fails until the background task succeeds.
+    if let Err(e) = keys.rotate(Reason::First).await {
+        warn!(error = %e, "could not make the first local KEK; Status fails until the backend answers");
+    }
+    let address: server::socket::SocketAddress =
+        settings.socket.path.parse().map_err(StartError::Address)?;
+    let (listener, guard) = server::socket::bind(
+        &address,
+        settings.socket.mode,
+        settings.socket.group.as_deref(),
+    )?;
+    let key_id = keys
+        .current()
+        .map(|c| KeyIdHash(c.key_id()).to_string())
+        .unwrap_or_default();
+    info!(
+        socket = %address,
+        backend = keys.backend().name(),
+        version = settings.status.version.as_str(),
+        key_id_hash = %key_id,
+        "serving KMS v2"
+    );
+
+    let (stop_rotation, rotation_stopped) = tokio::sync::watch::channel(false);
+    let rotation = tokio::spawn(Arc::clone(&keys).run_rotation(rotation_stopped));
+    let service = service::KmsService::new(Arc::clone(&keys), settings.status.version);
+    let result = server::serve(listener, service, settings.shutdown_grace, shutdown).await;
+
+    let _ = stop_rotation.send(true);
+    let _ = rotation.await;
+    drop(guard);
+    drop(keys);
+    info!("stopped; socket removed and keys dropped");
+    Ok(result?)
+}

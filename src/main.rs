@@ -1,0 +1,191 @@
+//! `kms-plugin`: CLI, configuration and logging; the library does the rest.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use kms_plugin::settings::Settings;
+use kms_plugin::{backend, client, logging, server};
+
+#[derive(Parser)]
+#[command(
+    name = "kms-plugin",
+    version,
+    about = "Kubernetes KMS v2 plugin with a local key hierarchy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve KMS v2 on the configured Unix socket until SIGTERM/SIGINT.
+    Serve {
+        /// TOML configuration file (environment KMS_PLUGIN_* overrides it).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Socket path (overrides socket.path).
+        #[arg(long)]
+        socket: Option<String>,
+        /// Development mode: local root key and socket under DIR, key created if missing.
+        #[arg(long, value_name = "DIR", conflicts_with = "config")]
+        dev: Option<PathBuf>,
+    },
+    /// Write a new random 32-byte local root key (mode 0600); never overwrites.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Validate the configuration and run a backend wrap/unwrap probe.
+    Check {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Call Status over the socket; exit 0 only if healthy (usable as an exec probe).
+    Status {
+        #[arg(long)]
+        socket: String,
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Keygen { out } => backend::local::generate_key_file(&out)
+            .map(|key_id| println!("wrote {} (key_id {key_id})", out.display()))
+            .map_err(|e| e.to_string()),
+        Command::Serve {
+            config,
+            socket,
+            dev,
+        } => serve(config, socket, dev),
+        Command::Check { config } => runtime().block_on(check(config)),
+        Command::Status { socket, timeout } => runtime().block_on(status(&socket, timeout)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("kms-plugin: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn load(config: Option<&Path>) -> Result<Settings, String> {
+    Settings::load(config).map_err(|e| e.to_string())
+}
+
+/// Settings for `serve --dev DIR`: a root key and a socket under DIR.
+fn dev_settings(dir: &Path) -> Result<Settings, String> {
+    let dir = std::path::absolute(dir).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let key = dir.join("root.key");
+    if !key.exists() {
+        let key_id = backend::local::generate_key_file(&key).map_err(|e| e.to_string())?;
+        eprintln!(
+            "kms-plugin: development mode: created root key {} ({key_id})",
+            key.display()
+        );
+    }
+    Settings::from_toml(&format!(
+        "[socket]\npath = {:?}\n[backend]\ntype = \"local\"\ncurrent_key_file = {:?}\n",
+        dir.join("kms.sock").display().to_string(),
+        key.display().to_string()
+    ))
+    .map_err(|e| e.to_string())
+}
+
+fn serve(
+    config: Option<PathBuf>,
+    socket: Option<String>,
+    dev: Option<PathBuf>,
+) -> Result<(), String> {
+    let mut settings = match &dev {
+        Some(dir) => dev_settings(dir)?,
+        None => load(config.as_deref())?,
+    };
+    if let Some(socket) = socket {
+        socket
+            .parse::<server::socket::SocketAddress>()
+            .map_err(|e| format!("--socket: {e}"))?;
+        settings.socket.path = socket;
+    }
+    logging::init(&settings.log.level, settings.log.format);
+    runtime()
+        .block_on(kms_plugin::run(settings, shutdown_signal()))
+        .map_err(|e| e.to_string())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+async fn check(config: Option<PathBuf>) -> Result<(), String> {
+    let settings = load(config.as_deref())?;
+    let backend = kms_plugin::build_backend(&settings).map_err(|e| e.to_string())?;
+    let key_id = backend
+        .probe()
+        .await
+        .map_err(|e| format!("backend probe: {e}"))?;
+    let kek = kms_plugin::keys::Kek::generate(&ring::rand::SystemRandom::new())
+        .map_err(|_| "random number generator failed")?;
+    let wrapped = backend
+        .wrap(&kek)
+        .await
+        .map_err(|e| format!("backend wrap: {e}"))?;
+    let back = backend
+        .unwrap(&wrapped.key_id, &wrapped.blob)
+        .await
+        .map_err(|e| format!("backend unwrap: {e}"))?;
+    if back.expose() != kek.expose() {
+        return Err("backend unwrap returned a different key".into());
+    }
+    println!(
+        "ok: backend {} current key_id {key_id}; wrap/unwrap round trip succeeded",
+        backend.name()
+    );
+    Ok(())
+}
+
+async fn status(socket: &str, timeout: Duration) -> Result<(), String> {
+    let address = socket.parse().map_err(|e| format!("--socket: {e}"))?;
+    let mut client = client::connect(&address, timeout)
+        .await
+        .map_err(|e| format!("connect {socket}: {e}"))?;
+    let reply = client
+        .status(kms_plugin::proto::v2::StatusRequest {})
+        .await
+        .map_err(|s| format!("Status failed: {:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    println!(
+        "version={} healthz={} key_id={}",
+        reply.version, reply.healthz, reply.key_id
+    );
+    if reply.healthz == "ok" {
+        Ok(())
+    } else {
+        Err(format!("unhealthy: {}", reply.healthz))
+    }
+}

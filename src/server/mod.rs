@@ -1,0 +1,53 @@
+//! Serving: the gRPC server on the bound socket, and bounded graceful shutdown.
+
+pub mod socket;
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::Server;
+use tracing::{info, warn};
+
+use crate::proto::v2::key_management_service_server::KeyManagementServiceServer;
+use crate::service::KmsService;
+
+/// Largest request the server decodes; anything bigger is refused before it is parsed.
+/// Generous over the contract's limits (1 KiB ciphertext + 32 KiB annotations).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Serves until `shutdown` resolves, then stops accepting, lets in-flight calls finish for up
+/// to `grace`, and returns. The caller owns the socket and removes it afterwards.
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    service: KmsService,
+    grace: Duration,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let grpc = KeyManagementServiceServer::new(service)
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_REQUEST_BYTES);
+    let server = Server::builder()
+        .add_service(grpc)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        });
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return result,
+        _ = shutdown => {}
+    }
+    info!(
+        grace_ms = grace.as_millis() as u64,
+        "shutting down: no new connections, draining in-flight calls"
+    );
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(grace, server).await {
+        Ok(result) => result,
+        Err(_) => {
+            warn!("grace period elapsed with calls still in flight; closing them");
+            Ok(())
+        }
+    }
+}

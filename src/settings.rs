@@ -1,0 +1,343 @@
+//! Configuration: a TOML file, then `KMS_PLUGIN_*` environment overrides, then CLI flags.
+//!
+//! Every section rejects unknown keys, and every error names the field, so a typo stops the
+//! plugin before it binds anything.
+
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::keys::rotation::RotationPolicy;
+use crate::logging::LogFormat;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    #[serde(default)]
+    pub socket: SocketSettings,
+    #[serde(default)]
+    pub kek: KekSettings,
+    pub backend: BackendSettings,
+    #[serde(default)]
+    pub status: StatusSettings,
+    #[serde(default)]
+    pub log: LogSettings,
+    /// How long in-flight calls may take to finish after SIGTERM.
+    #[serde(default = "default_grace", deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
+    /// Benchmark-only knobs; never set them on a real control plane.
+    #[serde(default)]
+    pub bench: BenchSettings,
+}
+
+/// Where and how the gRPC socket is created.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SocketSettings {
+    /// Absolute path, `unix:///path`, or `@name` for an abstract socket.
+    pub path: String,
+    /// Permission bits of the socket file, as an octal string ("0600") or a number.
+    #[serde(deserialize_with = "octal_mode")]
+    pub mode: u32,
+    /// Group (name or numeric gid) to own the socket, for a non-root apiserver.
+    pub group: Option<String>,
+}
+
+impl Default for SocketSettings {
+    fn default() -> Self {
+        Self {
+            path: "/var/run/kmsplugin/kms.sock".into(),
+            mode: 0o600,
+            group: None,
+        }
+    }
+}
+
+/// Local KEK lifetime and cache.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KekSettings {
+    #[serde(deserialize_with = "duration")]
+    pub max_age: Duration,
+    pub max_uses: u64,
+    /// How often the background task checks the backend's current root key and the limits.
+    #[serde(deserialize_with = "duration")]
+    pub check_interval: Duration,
+    pub cache_capacity: NonZeroUsize,
+}
+
+impl Default for KekSettings {
+    fn default() -> Self {
+        let p = RotationPolicy::default();
+        Self {
+            max_age: p.max_age,
+            max_uses: p.max_uses,
+            check_interval: p.check_interval,
+            cache_capacity: NonZeroUsize::new(1000).expect("non-zero"),
+        }
+    }
+}
+
+impl KekSettings {
+    pub fn policy(&self) -> RotationPolicy {
+        RotationPolicy {
+            max_age: self.max_age,
+            max_uses: self.max_uses,
+            check_interval: self.check_interval,
+        }
+    }
+}
+
+/// Which remote KMS holds the root key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum BackendSettings {
+    /// Root keys in local files (the embedded default).
+    Local {
+        /// The key that wraps new local KEKs.
+        current_key_file: PathBuf,
+        /// Older keys, kept to decrypt data written before a rotation.
+        #[serde(default)]
+        decrypt_only_key_files: Vec<PathBuf>,
+    },
+}
+
+/// What Status reports.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatusSettings {
+    pub version: ApiVersion,
+}
+
+/// The version string in StatusResponse: "v2" (Kubernetes 1.29+) or "v2beta1" (1.27–1.28).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum ApiVersion {
+    #[default]
+    #[serde(rename = "v2")]
+    V2,
+    #[serde(rename = "v2beta1")]
+    V2beta1,
+}
+
+impl ApiVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiVersion::V2 => "v2",
+            ApiVersion::V2beta1 => "v2beta1",
+        }
+    }
+}
+
+/// Log level and format.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Benchmark-only settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BenchSettings {
+    /// Added to every backend call, to model a remote KMS's round trip.
+    #[serde(deserialize_with = "opt_duration")]
+    pub backend_latency: Option<Duration>,
+}
+
+fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+fn octal_mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Mode {
+        Num(u32),
+        Text(String),
+    }
+    let mode = match Mode::deserialize(d)? {
+        Mode::Num(n) => n,
+        Mode::Text(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
+            .map_err(|_| serde::de::Error::custom(format!("invalid octal mode {s:?}")))?,
+    };
+    if mode & !0o777 != 0 {
+        return Err(serde::de::Error::custom(format!(
+            "mode {mode:o} has bits outside 0777"
+        )));
+    }
+    Ok(mode)
+}
+
+/// A configuration error, with the field it concerns where known.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct SettingsError(String);
+
+impl Settings {
+    /// Loads `file` (if any), then environment variables `KMS_PLUGIN_<SECTION>__<FIELD>`
+    /// (e.g. `KMS_PLUGIN_SOCKET__PATH`, `KMS_PLUGIN_KEK__MAX_AGE`).
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        let mut builder = ::config::Config::builder();
+        if let Some(file) = file {
+            builder = builder.add_source(
+                ::config::File::from(file)
+                    .format(::config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        builder = builder.add_source(
+            ::config::Environment::with_prefix("KMS_PLUGIN")
+                .prefix_separator("_")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("backend.decrypt_only_key_files"),
+        );
+        Self::from_config(builder)
+    }
+
+    /// Parses a TOML string (tests, `check`).
+    pub fn from_toml(text: &str) -> Result<Self, SettingsError> {
+        Self::from_config(
+            ::config::Config::builder()
+                .add_source(::config::File::from_str(text, ::config::FileFormat::Toml)),
+        )
+    }
+
+    fn from_config(
+        builder: ::config::ConfigBuilder<::config::builder::DefaultState>,
+    ) -> Result<Self, SettingsError> {
+        let settings: Settings = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| SettingsError(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        let err = |s: &str| Err(SettingsError(s.to_string()));
+        if self.kek.max_uses == 0 {
+            return err("kek.max_uses must be at least 1");
+        }
+        if self.kek.max_age.is_zero() {
+            return err("kek.max_age must be positive");
+        }
+        if self.kek.check_interval.is_zero() {
+            return err("kek.check_interval must be positive");
+        }
+        if let Err(e) = self
+            .socket
+            .path
+            .parse::<crate::server::socket::SocketAddress>()
+        {
+            return Err(SettingsError(format!("socket.path: {e}")));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "[backend]\ntype = \"local\"\ncurrent_key_file = \"/k\"\n";
+
+    #[test]
+    fn defaults() {
+        let s = Settings::from_toml(MIN).unwrap();
+        assert_eq!(s.socket.mode, 0o600);
+        assert_eq!(s.kek.max_uses, 1 << 21);
+        assert_eq!(s.kek.max_age, Duration::from_secs(7 * 86400));
+        assert_eq!(s.kek.cache_capacity.get(), 1000);
+        assert_eq!(s.status.version, ApiVersion::V2);
+        assert_eq!(s.shutdown_grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn full_file() {
+        let s = Settings::from_toml(
+            r#"
+            shutdown_grace = "3s"
+            [socket]
+            path = "@kms"
+            mode = "0660"
+            group = "kube"
+            [kek]
+            max_age = "1h"
+            max_uses = 10
+            check_interval = "5s"
+            cache_capacity = 5
+            [status]
+            version = "v2beta1"
+            [backend]
+            type = "local"
+            current_key_file = "/b"
+            decrypt_only_key_files = ["/a"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(s.socket.mode, 0o660);
+        assert_eq!(s.kek.max_age, Duration::from_secs(3600));
+        assert_eq!(s.status.version.as_str(), "v2beta1");
+        let BackendSettings::Local {
+            decrypt_only_key_files,
+            ..
+        } = &s.backend;
+        assert_eq!(decrypt_only_key_files, &[PathBuf::from("/a")]);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (format!("{MIN}typo = 1\n"), "typo"),
+            (format!("[kek]\nmax_agee = \"1h\"\n{MIN}"), "max_agee"),
+            (format!("[kek]\nmax_age = \"soon\"\n{MIN}"), "kek.max_age"),
+            (format!("[socket]\nmode = \"999\"\n{MIN}"), "socket.mode"),
+            (
+                format!("[socket]\npath = \"relative.sock\"\n{MIN}"),
+                "socket.path",
+            ),
+            (
+                format!("[status]\nversion = \"v3\"\n{MIN}"),
+                "status.version",
+            ),
+            (format!("[kek]\nmax_uses = 0\n{MIN}"), "kek.max_uses"),
+            (
+                format!("[kek]\ncache_capacity = 0\n{MIN}"),
+                "kek.cache_capacity",
+            ),
+            ("[backend]\ntype = \"nope\"\n".to_string(), "nope"),
+            (String::new(), "backend"),
+        ];
+        for (text, field) in cases {
+            let e = Settings::from_toml(&text)
+                .err()
+                .unwrap_or_else(|| panic!("accepted {text}"))
+                .to_string();
+            assert!(e.contains(field), "{e:?} does not name {field}");
+        }
+    }
+}
