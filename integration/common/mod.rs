@@ -1,0 +1,249 @@
+//! Test harness: runs the built `kms-plugin` binary on a temporary directory and talks to it over
+//! its real socket with the real gRPC client.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kms_plugin::client::{self, Client};
+use kms_plugin::proto::v2::{
+    DecryptRequest, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
+};
+use kms_plugin::server::socket::SocketAddress;
+use ring::rand::{SecureRandom, SystemRandom};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_kms-plugin");
+
+/// A scratch directory with root keys in it.
+pub struct Dir {
+    pub tmp: tempfile::TempDir,
+}
+
+impl Dir {
+    pub fn new() -> Self {
+        Self {
+            tmp: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// Creates `name` as a root key (if missing) and returns its path.
+    pub fn key(&self, name: &str) -> PathBuf {
+        let p = self.path(name);
+        if !p.exists() {
+            kms_plugin::backend::local::generate_key_file(&p).unwrap();
+        }
+        p
+    }
+
+    pub fn socket(&self) -> String {
+        self.path("run/kms.sock").display().to_string()
+    }
+
+    /// A config for the local backend with `current` and `old` keys plus extra TOML.
+    pub fn config(&self, socket: &str, current: &str, old: &[&str], extra: &str) -> PathBuf {
+        let old: Vec<String> = old
+            .iter()
+            .map(|k| format!("{:?}", self.key(k).display().to_string()))
+            .collect();
+        let text = format!(
+            "{extra}\n[socket]\npath = {socket:?}\n[backend]\ntype = \"local\"\ncurrent_key_file = {:?}\ndecrypt_only_key_files = [{}]\n",
+            self.key(current).display().to_string(),
+            old.join(", ")
+        );
+        // Sections in `extra` must come before [socket]; keep top-level keys first.
+        let path = self.path(&format!("config-{}.toml", rand_hex(4)));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+/// A running plugin process and the log lines it wrote.
+pub struct Plugin {
+    pub child: Child,
+    pub socket: String,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Plugin {
+    /// Starts `kms-plugin serve --config <config>` and waits until Status answers.
+    pub async fn start(config: &Path) -> Plugin {
+        let text = std::fs::read_to_string(config).unwrap();
+        let socket = text
+            .lines()
+            .find_map(|l| l.strip_prefix("path = "))
+            .map(|s| s.trim_matches('"').to_string())
+            .expect("socket path in config");
+        let plugin = Self::spawn(&["serve", "--config", config.to_str().unwrap()], &socket);
+        plugin.wait_ready().await;
+        plugin
+    }
+
+    /// Spawns the binary with `args`, capturing stderr; does not wait.
+    pub fn spawn(args: &[&str], socket: &str) -> Plugin {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info,kms_plugin=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Plugin {
+            child,
+            socket: socket.to_string(),
+            logs,
+        }
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut c) = self.try_client().await
+                && c.status(StatusRequest {}).await.is_ok()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "plugin not ready; logs:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn try_client(&self) -> Result<Client, tonic::transport::Error> {
+        let addr: SocketAddress = self.socket.parse().unwrap();
+        client::connect(&addr, Duration::from_secs(10)).await
+    }
+
+    pub async fn client(&self) -> Client {
+        self.try_client().await.unwrap()
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Log lines that record a backend call of `op` ("wrap" or "unwrap").
+    pub fn backend_calls(&self, op: &str) -> usize {
+        let needle = format!("op=\"{op}\"");
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("backend call") && l.contains(&needle))
+            .count()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit (bounded) and returns its status. Async so the test's
+    /// runtime keeps driving its client connections (HTTP/2 GOAWAY/PING) meanwhile.
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "plugin did not exit; logs:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM, then asserts a clean exit.
+    pub async fn stop(mut self) {
+        self.signal("TERM");
+        let status = self.wait_exit().await;
+        assert!(status.success(), "exit {status:?}; logs:\n{}", self.logs());
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn rand_bytes(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    SystemRandom::new().fill(&mut v).unwrap();
+    v
+}
+
+pub fn rand_hex(n: usize) -> String {
+    hex::encode(rand_bytes(n))
+}
+
+pub async fn status(c: &mut Client) -> StatusResponse {
+    c.status(StatusRequest {}).await.unwrap().into_inner()
+}
+
+pub async fn encrypt(c: &mut Client, plaintext: &[u8]) -> EncryptResponse {
+    c.encrypt(EncryptRequest {
+        plaintext: plaintext.to_vec().into(),
+        uid: rand_hex(8),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// The Decrypt request the apiserver would send for an Encrypt response.
+pub fn decrypt_request(e: &EncryptResponse) -> DecryptRequest {
+    DecryptRequest {
+        ciphertext: e.ciphertext.clone(),
+        uid: rand_hex(8),
+        key_id: e.key_id.clone(),
+        annotations: e.annotations.clone(),
+    }
+}
+
+pub async fn decrypt(c: &mut Client, e: &EncryptResponse) -> Result<Vec<u8>, tonic::Status> {
+    c.decrypt(decrypt_request(e))
+        .await
+        .map(|r| r.into_inner().plaintext.to_vec())
+}
+
+/// Asserts an Encrypt response is one the apiserver accepts (contract §2).
+pub fn assert_contract(e: &EncryptResponse, status_key_id: &str) {
+    assert_eq!(
+        e.key_id, status_key_id,
+        "Encrypt key_id must match the Status before it"
+    );
+    kms_plugin::contract::check_key_id(&e.key_id).unwrap();
+    assert!(!e.ciphertext.is_empty() && e.ciphertext.len() <= 1024);
+    let map: HashMap<String, Vec<u8>> = e
+        .annotations
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_vec()))
+        .collect();
+    kms_plugin::contract::check_annotations(&map).unwrap();
+}
