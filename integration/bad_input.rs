@@ -54,10 +54,7 @@ async fn bad_decrypt_requests() {
     let other_plugin = Plugin::start(&dir.config(&other_socket, "root.key", &[], "")).await;
     let other = decrypt_request(&encrypt(&mut other_plugin.client().await, &rand_bytes(32)).await);
     other_plugin.stop().await;
-    assert_ne!(
-        other.annotations[KEK_ANNOTATION],
-        good.annotations[KEK_ANNOTATION]
-    );
+    assert_ne!(other.annotations[KEK_ANNOTATION], good.annotations[KEK_ANNOTATION]);
     let wrapped = good.annotations[KEK_ANNOTATION].clone();
 
     let with = |f: &dyn Fn(&mut DecryptRequest)| {
@@ -157,8 +154,7 @@ async fn bad_decrypt_requests() {
         (
             "wrapped KEK does not unwrap",
             with(&|r| {
-                r.annotations
-                    .insert(KEK_ANNOTATION.into(), flip(&wrapped, 20));
+                r.annotations.insert(KEK_ANNOTATION.into(), flip(&wrapped, 20));
             }),
             Code::DataLoss,
         ),
@@ -183,15 +179,7 @@ async fn bad_decrypt_requests() {
     }
     // Still healthy and still correct after all of that.
     assert_eq!(status(&mut c).await.healthz, "ok");
-    assert_eq!(
-        c.decrypt(good)
-            .await
-            .unwrap()
-            .into_inner()
-            .plaintext
-            .to_vec(),
-        seed
-    );
+    assert_eq!(c.decrypt(good).await.unwrap().into_inner().plaintext.to_vec(), seed);
     let failures = plugin.logs().matches("failed").count();
     assert!(failures >= 18, "each bad call logs a line; saw {failures}");
     plugin.stop().await;

@@ -11,10 +11,7 @@ fn wrapped(e: &EncryptResponse) -> Vec<u8> {
 }
 
 /// Encrypts until the wrapped KEK differs from `before` (the background task rotated).
-async fn encrypt_until_rotated(
-    c: &mut kms_plugin::client::Client,
-    before: &[u8],
-) -> (EncryptResponse, Vec<u8>) {
+async fn encrypt_until_rotated(c: &mut kms_plugin::client::Client, before: &[u8]) -> (EncryptResponse, Vec<u8>) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let seed = rand_bytes(32);
@@ -30,8 +27,7 @@ async fn encrypt_until_rotated(
 #[tokio::test]
 async fn local_kek_rotates_by_uses_without_changing_key_id() {
     let dir = Dir::new();
-    let plugin =
-        Plugin::start(&dir.config(&dir.socket(), "root.key", &[], "[kek]\nmax_uses = 2")).await;
+    let plugin = Plugin::start(&dir.config(&dir.socket(), "root.key", &[], "[kek]\nmax_uses = 2")).await;
     let mut c = plugin.client().await;
     let key_id = status(&mut c).await.key_id;
     let s1 = rand_bytes(32);
@@ -41,18 +37,14 @@ async fn local_kek_rotates_by_uses_without_changing_key_id() {
     assert_eq!(status(&mut c).await.key_id, key_id);
     assert_eq!(decrypt(&mut c, &e1).await.unwrap(), s1);
     assert_eq!(decrypt(&mut c, &e2).await.unwrap(), s2);
-    assert!(
-        plugin.logs().contains("reason=\"uses\""),
-        "{}",
-        plugin.logs()
-    );
+    assert!(plugin.logs().contains("reason=\"uses\""), "{}", plugin.logs());
     plugin.stop().await;
 }
 
 #[tokio::test]
 async fn local_kek_rotates_by_age() {
     let dir = Dir::new();
-    let extra = "[kek]\nmax_age = \"300ms\"\ncheck_interval = \"100ms\"";
+    let extra = "[kek]\nmax_age = \"300ms\"\n[probe]\ninterval = \"100ms\"";
     let plugin = Plugin::start(&dir.config(&dir.socket(), "root.key", &[], extra)).await;
     let mut c = plugin.client().await;
     let s1 = rand_bytes(32);
@@ -90,10 +82,7 @@ async fn root_key_rotation_changes_key_id_and_keeps_old_data() {
     // Old key retired: its data is refused with NotFound, new data still decrypts.
     let plugin = Plugin::start(&dir.config(&dir.socket(), "new.key", &[], "")).await;
     let mut c = plugin.client().await;
-    assert_eq!(
-        decrypt(&mut c, &e_old).await.unwrap_err().code(),
-        tonic::Code::NotFound
-    );
+    assert_eq!(decrypt(&mut c, &e_old).await.unwrap_err().code(), tonic::Code::NotFound);
     assert_eq!(decrypt(&mut c, &e_new).await.unwrap(), s_new);
     plugin.stop().await;
 }
@@ -116,29 +105,19 @@ async fn concurrent_cold_decrypts_share_one_unwrap() {
     writer.stop().await;
 
     // A fresh process has never seen that KEK; a slow backend makes the 64 misses overlap.
-    let reader = Plugin::start(&dir.config(
-        &dir.socket(),
-        "root.key",
-        &[],
-        "[bench]\nbackend_latency = \"300ms\"",
-    ))
-    .await;
+    let reader =
+        Plugin::start(&dir.config(&dir.socket(), "root.key", &[], "[bench]\nbackend_latency = \"300ms\"")).await;
     assert_eq!(reader.backend_calls("unwrap"), 0);
     let mut tasks = Vec::new();
     for (e, seed) in sealed {
         let mut c = reader.client().await;
-        tasks.push(tokio::spawn(async move {
-            decrypt(&mut c, &e).await.map(|p| p == seed)
-        }));
+        tasks.push(tokio::spawn(
+            async move { decrypt(&mut c, &e).await.map(|p| p == seed) },
+        ));
     }
     for t in tasks {
         assert!(matches!(t.await.unwrap(), Ok(true)));
     }
-    assert_eq!(
-        reader.backend_calls("unwrap"),
-        1,
-        "logs:\n{}",
-        reader.logs()
-    );
+    assert_eq!(reader.backend_calls("unwrap"), 1, "logs:\n{}", reader.logs());
     reader.stop().await;
 }

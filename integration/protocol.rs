@@ -38,13 +38,7 @@ async fn round_trip_with_contract_limits() {
 #[tokio::test]
 async fn v2beta1_version_for_older_clusters() {
     let dir = Dir::new();
-    let plugin = Plugin::start(&dir.config(
-        &dir.socket(),
-        "root.key",
-        &[],
-        "[status]\nversion = \"v2beta1\"",
-    ))
-    .await;
+    let plugin = Plugin::start(&dir.config(&dir.socket(), "root.key", &[], "[status]\nversion = \"v2beta1\"")).await;
     let st = status(&mut plugin.client().await).await;
     assert_eq!(st.version, "v2beta1");
     plugin.stop().await;

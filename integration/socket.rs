@@ -45,12 +45,7 @@ async fn replaces_a_stale_socket() {
     fs::create_dir_all(dir.path("run")).unwrap();
     // A socket file whose server is gone, as a crash leaves it.
     drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
-    assert!(
-        fs::symlink_metadata(&socket)
-            .unwrap()
-            .file_type()
-            .is_socket()
-    );
+    assert!(fs::symlink_metadata(&socket).unwrap().file_type().is_socket());
     let plugin = Plugin::start(&dir.config(&socket, "root.key", &[], "")).await;
     assert_eq!(status(&mut plugin.client().await).await.healthz, "ok");
     assert!(plugin.logs().contains("stale socket"));
@@ -62,17 +57,10 @@ async fn refuses_a_live_socket() {
     let dir = Dir::new();
     let config = dir.config(&dir.socket(), "root.key", &[], "");
     let first = Plugin::start(&config).await;
-    let mut second = Plugin::spawn(
-        &["serve", "--config", config.to_str().unwrap()],
-        &dir.socket(),
-    );
+    let mut second = Plugin::spawn(&["serve", "--config", config.to_str().unwrap()], &dir.socket());
     let exit = second.wait_exit().await;
     assert!(!exit.success());
-    assert!(
-        second.logs().contains("already listening"),
-        "{}",
-        second.logs()
-    );
+    assert!(second.logs().contains("already listening"), "{}", second.logs());
     // The first server is untouched and still answers on its socket.
     assert_eq!(status(&mut first.client().await).await.healthz, "ok");
     first.stop().await;
@@ -84,10 +72,7 @@ async fn refuses_a_path_that_is_not_a_socket() {
     fs::create_dir_all(dir.path("run")).unwrap();
     fs::write(dir.socket(), b"precious").unwrap();
     let config = dir.config(&dir.socket(), "root.key", &[], "");
-    let mut plugin = Plugin::spawn(
-        &["serve", "--config", config.to_str().unwrap()],
-        &dir.socket(),
-    );
+    let mut plugin = Plugin::spawn(&["serve", "--config", config.to_str().unwrap()], &dir.socket());
     assert!(!plugin.wait_exit().await.success());
     assert!(plugin.logs().contains("not a socket"), "{}", plugin.logs());
     assert_eq!(fs::read(dir.socket()).unwrap(), b"precious");
@@ -106,11 +91,7 @@ async fn serves_an_abstract_socket() {
     let config = dir.config(&name, "root.key", &[], "");
     let mut second = Plugin::spawn(&["serve", "--config", config.to_str().unwrap()], &name);
     assert!(!second.wait_exit().await.success());
-    assert!(
-        second.logs().contains("already listening"),
-        "{}",
-        second.logs()
-    );
+    assert!(second.logs().contains("already listening"), "{}", second.logs());
     plugin.stop().await;
 }
 

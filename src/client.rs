@@ -13,10 +13,7 @@ use crate::server::socket::SocketAddress;
 pub type Client = KeyManagementServiceClient<Channel>;
 
 /// Connects to a plugin socket (path or `@abstract`) with a per-call timeout.
-pub async fn connect(
-    address: &SocketAddress,
-    timeout: Duration,
-) -> Result<Client, tonic::transport::Error> {
+pub async fn connect(address: &SocketAddress, timeout: Duration) -> Result<Client, tonic::transport::Error> {
     let address = address.clone();
     // The URI is required by tonic but unused: the connector below dials the socket.
     let channel = Endpoint::from_static("http://localhost")

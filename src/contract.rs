@@ -29,11 +29,7 @@ pub fn check_key_id(key_id: &str) -> Result<(), String> {
 /// An annotation key the apiserver will take: a lowercase DNS-1123 subdomain with at least
 /// two labels, each label at most 63 characters, the whole at most 253.
 pub fn check_annotation_key(key: &str) -> Result<(), String> {
-    let bad = |why: &str| {
-        Err(format!(
-            "annotation key is not a fully qualified domain name: {why}"
-        ))
-    };
+    let bad = |why: &str| Err(format!("annotation key is not a fully qualified domain name: {why}"));
     if key.is_empty() || key.len() > 253 {
         return bad("length must be 1..=253");
     }
@@ -62,9 +58,7 @@ pub fn check_annotations<V: AsRef<[u8]>>(annotations: &HashMap<String, V>) -> Re
         total += k.len() + v.as_ref().len();
     }
     if total > MAX_ANNOTATIONS {
-        return Err(format!(
-            "annotations total {total} bytes, over {MAX_ANNOTATIONS}"
-        ));
+        return Err(format!("annotations total {total} bytes, over {MAX_ANNOTATIONS}"));
     }
     Ok(())
 }

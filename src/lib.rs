@@ -42,6 +42,8 @@ use settings::{BackendSettings, Settings};
 pub enum StartError {
     #[error(transparent)]
     KeyFile(#[from] backend::local::KeyFileError),
+    #[error("backend: {0}")]
+    Backend(String),
     #[error(transparent)]
     Socket(#[from] server::socket::SocketError),
     #[error("socket.path: {0}")]
@@ -51,15 +53,57 @@ pub enum StartError {
 }
 
 /// Builds the configured backend (wrapped in the latency injector if a benchmark asks for it).
-pub fn build_backend(settings: &Settings) -> Result<Arc<dyn Backend>, StartError> {
+pub async fn build_backend(settings: &Settings) -> Result<Arc<dyn Backend>, StartError> {
     let backend: Arc<dyn Backend> = match &settings.backend {
-        BackendSettings::Local {
-            current_key_file,
-            decrypt_only_key_files,
-        } => Arc::new(backend::local::LocalBackend::open(
-            current_key_file,
-            decrypt_only_key_files,
+        BackendSettings::Local(local) => Arc::new(backend::local::LocalBackend::open(
+            &local.current_key_file,
+            &local.decrypt_only_key_files,
         )?),
+        BackendSettings::Pkcs11(p) => {
+            let pin = match (&p.pin_file, &p.pin_env) {
+                (Some(file), _) => backend::pkcs11::PinSource::File(file.clone()),
+                (None, Some(var)) => backend::pkcs11::PinSource::Env(var.clone()),
+                (None, None) => return Err(StartError::Backend("pkcs11: no PIN source".into())),
+            };
+            let opts = backend::pkcs11::Pkcs11Options {
+                module: p.module.clone(),
+                token_label: p.token_label.clone(),
+                pin,
+                current_key_label: p.current_key_label.clone(),
+                decrypt_only_key_labels: p.decrypt_only_key_labels.clone(),
+                sessions: p.sessions,
+            };
+            match tokio::task::spawn_blocking(move || backend::pkcs11::Pkcs11Backend::open(&opts))
+                .await
+                .map_err(|e| StartError::Backend(e.to_string()))?
+            {
+                Ok(b) => Arc::new(b),
+                Err(e) if e.pin_rejected => {
+                    tracing::error!("pkcs11: the token rejected the PIN; not retrying. Fix the PIN and restart");
+                    let error =
+                        backend::BackendError::new(backend::ErrorKind::Denied, format!("pkcs11: {}", e.message));
+                    Arc::new(backend::refused::Refused::new("pkcs11", error))
+                }
+                Err(e) => return Err(StartError::Backend(format!("pkcs11: {}", e.message))),
+            }
+        }
+        BackendSettings::Aws(a) => {
+            let opts = backend::aws::AwsOptions {
+                key: a.key.clone(),
+                decrypt_only_keys: a.decrypt_only_keys.clone(),
+                region: a.region.clone(),
+                endpoint: a.endpoint.clone(),
+                encryption_context: a.encryption_context.clone(),
+                call_timeout: a.call_timeout,
+                attempt_timeout: a.attempt_timeout,
+                max_attempts: a.max_attempts,
+            };
+            Arc::new(
+                backend::aws::AwsBackend::connect(&opts)
+                    .await
+                    .map_err(StartError::Backend)?,
+            )
+        }
     };
     Ok(match settings.bench.backend_latency {
         Some(latency) => {
@@ -76,20 +120,20 @@ pub fn build_backend(settings: &Settings) -> Result<Arc<dyn Backend>, StartError
 /// Runs the plugin until `shutdown` resolves: makes the first local KEK, binds the socket,
 /// serves, then drains, removes the socket and drops (wipes) every key.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    let backend = build_backend(&settings)?;
-    let keys = Keys::new(backend, settings.kek.policy(), settings.kek.cache_capacity);
+    let backend = build_backend(&settings).await?;
+    let keys = Keys::new(
+        backend,
+        settings.policy(),
+        settings.kek.cache_capacity,
+        settings.probe.max_outage,
+    );
     // Make the first KEK before binding, so the apiserver's first Status is already healthy.
     // If the backend is down, start anyway: Status fails until the background task succeeds.
     if let Err(e) = keys.rotate(Reason::First).await {
         warn!(error = %e, "could not make the first local KEK; Status fails until the backend answers");
     }
-    let address: server::socket::SocketAddress =
-        settings.socket.path.parse().map_err(StartError::Address)?;
-    let (listener, guard) = server::socket::bind(
-        &address,
-        settings.socket.mode,
-        settings.socket.group.as_deref(),
-    )?;
+    let address: server::socket::SocketAddress = settings.socket.path.parse().map_err(StartError::Address)?;
+    let (listener, guard) = server::socket::bind(&address, settings.socket.mode, settings.socket.group.as_deref())?;
     let key_id = keys
         .current()
         .map(|c| KeyIdHash(c.key_id()).to_string())

@@ -58,11 +58,7 @@ fn main() -> ExitCode {
         Command::Keygen { out } => backend::local::generate_key_file(&out)
             .map(|key_id| println!("wrote {} (key_id {key_id})", out.display()))
             .map_err(|e| e.to_string()),
-        Command::Serve {
-            config,
-            socket,
-            dev,
-        } => serve(config, socket, dev),
+        Command::Serve { config, socket, dev } => serve(config, socket, dev),
         Command::Check { config } => runtime().block_on(check(config)),
         Command::Status { socket, timeout } => runtime().block_on(status(&socket, timeout)),
     };
@@ -106,11 +102,7 @@ fn dev_settings(dir: &Path) -> Result<Settings, String> {
     .map_err(|e| e.to_string())
 }
 
-fn serve(
-    config: Option<PathBuf>,
-    socket: Option<String>,
-    dev: Option<PathBuf>,
-) -> Result<(), String> {
+fn serve(config: Option<PathBuf>, socket: Option<String>, dev: Option<PathBuf>) -> Result<(), String> {
     let mut settings = match &dev {
         Some(dir) => dev_settings(dir)?,
         None => load(config.as_deref())?,
@@ -129,10 +121,7 @@ fn serve(
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(t), Ok(i)) => (t, i),
         _ => return std::future::pending().await,
     };
@@ -144,17 +133,11 @@ async fn shutdown_signal() {
 
 async fn check(config: Option<PathBuf>) -> Result<(), String> {
     let settings = load(config.as_deref())?;
-    let backend = kms_plugin::build_backend(&settings).map_err(|e| e.to_string())?;
-    let key_id = backend
-        .probe()
-        .await
-        .map_err(|e| format!("backend probe: {e}"))?;
+    let backend = kms_plugin::build_backend(&settings).await.map_err(|e| e.to_string())?;
+    let key_id = backend.probe().await.map_err(|e| format!("backend probe: {e}"))?;
     let kek = kms_plugin::keys::Kek::generate(&ring::rand::SystemRandom::new())
         .map_err(|_| "random number generator failed")?;
-    let wrapped = backend
-        .wrap(&kek)
-        .await
-        .map_err(|e| format!("backend wrap: {e}"))?;
+    let wrapped = backend.wrap(&kek).await.map_err(|e| format!("backend wrap: {e}"))?;
     let back = backend
         .unwrap(&wrapped.key_id, &wrapped.blob)
         .await

@@ -20,7 +20,13 @@ pub struct Settings {
     pub socket: SocketSettings,
     #[serde(default)]
     pub kek: KekSettings,
+    /// Read in a second pass (by `type`), so errors name the backend's fields.
+    #[serde(rename = "backend")]
+    _backend: serde::de::IgnoredAny,
+    #[serde(skip, default = "unset_backend")]
     pub backend: BackendSettings,
+    #[serde(default)]
+    pub probe: ProbeSettings,
     #[serde(default)]
     pub status: StatusSettings,
     #[serde(default)]
@@ -63,9 +69,6 @@ pub struct KekSettings {
     #[serde(deserialize_with = "duration")]
     pub max_age: Duration,
     pub max_uses: u64,
-    /// How often the background task checks the backend's current root key and the limits.
-    #[serde(deserialize_with = "duration")]
-    pub check_interval: Duration,
     pub cache_capacity: NonZeroUsize,
 }
 
@@ -75,34 +78,134 @@ impl Default for KekSettings {
         Self {
             max_age: p.max_age,
             max_uses: p.max_uses,
-            check_interval: p.check_interval,
             cache_capacity: NonZeroUsize::new(1000).expect("non-zero"),
         }
     }
 }
 
-impl KekSettings {
+impl Settings {
+    /// The local KEK policy; the backend is re-checked at every probe.
     pub fn policy(&self) -> RotationPolicy {
         RotationPolicy {
-            max_age: self.max_age,
-            max_uses: self.max_uses,
-            check_interval: self.check_interval,
+            max_age: self.kek.max_age,
+            max_uses: self.kek.max_uses,
+            check_interval: self.probe.interval,
         }
     }
 }
 
-/// Which remote KMS holds the root key.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+/// Which remote KMS holds the root key: `[backend]` with `type = "local" | "pkcs11" | "aws"`
+/// and that backend's fields beside it.
+#[derive(Debug, Clone)]
 pub enum BackendSettings {
-    /// Root keys in local files (the embedded default).
-    Local {
-        /// The key that wraps new local KEKs.
-        current_key_file: PathBuf,
-        /// Older keys, kept to decrypt data written before a rotation.
-        #[serde(default)]
-        decrypt_only_key_files: Vec<PathBuf>,
-    },
+    Local(LocalSettings),
+    Pkcs11(Pkcs11Settings),
+    Aws(AwsSettings),
+}
+
+/// Root keys in local files (the embedded default).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalSettings {
+    #[serde(rename = "type")]
+    _type: String,
+    /// The key that wraps new local KEKs.
+    pub current_key_file: PathBuf,
+    /// Older keys, kept to decrypt data written before a rotation.
+    #[serde(default)]
+    pub decrypt_only_key_files: Vec<PathBuf>,
+}
+
+/// AES root keys on a PKCS#11 token (HSM).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Settings {
+    #[serde(rename = "type")]
+    _type: String,
+    /// The vendor's PKCS#11 library.
+    pub module: PathBuf,
+    pub token_label: String,
+    /// File holding the user PIN (mode must deny others).
+    pub pin_file: Option<PathBuf>,
+    /// Environment variable holding the user PIN.
+    pub pin_env: Option<String>,
+    pub current_key_label: String,
+    #[serde(default)]
+    pub decrypt_only_key_labels: Vec<String>,
+    /// Concurrent token sessions (bounds concurrent unwraps).
+    #[serde(default = "default_sessions")]
+    pub sessions: usize,
+}
+
+/// A key in AWS KMS or a compatible server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsSettings {
+    #[serde(rename = "type")]
+    _type: String,
+    /// Key ARN, key id, alias name (`alias/x`) or alias ARN; re-pointing an alias rotates.
+    pub key: String,
+    /// Full key ARNs of older keys, kept to decrypt data written before a rotation.
+    #[serde(default)]
+    pub decrypt_only_keys: Vec<String>,
+    /// Region; otherwise the SDK's chain (AWS_REGION, profile).
+    pub region: Option<String>,
+    /// Endpoint override (FIPS or VPC endpoints, compatible servers).
+    pub endpoint: Option<String>,
+    /// Extra encryption context bound to every wrap.
+    #[serde(default)]
+    pub encryption_context: std::collections::BTreeMap<String, String>,
+    #[serde(default = "default_call_timeout", deserialize_with = "duration")]
+    pub call_timeout: Duration,
+    #[serde(default = "default_attempt_timeout", deserialize_with = "duration")]
+    pub attempt_timeout: Duration,
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+fn unset_backend() -> BackendSettings {
+    BackendSettings::Local(LocalSettings {
+        _type: "local".into(),
+        current_key_file: PathBuf::new(),
+        decrypt_only_key_files: Vec::new(),
+    })
+}
+
+fn default_sessions() -> usize {
+    4
+}
+
+fn default_call_timeout() -> Duration {
+    Duration::from_millis(2000)
+}
+
+fn default_attempt_timeout() -> Duration {
+    Duration::from_millis(700)
+}
+
+fn default_max_attempts() -> u32 {
+    3
+}
+
+/// The background probe of the backend, and what Status does with its result.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbeSettings {
+    /// How often the backend is probed (health, revocation, current root key).
+    #[serde(deserialize_with = "duration")]
+    pub interval: Duration,
+    /// How long a transient outage may last before Status fails.
+    #[serde(deserialize_with = "duration")]
+    pub max_outage: Duration,
+}
+
+impl Default for ProbeSettings {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(30),
+            max_outage: Duration::from_secs(3600),
+        }
+    }
 }
 
 /// What Status reports.
@@ -163,8 +266,7 @@ fn default_grace() -> Duration {
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    humantime::parse_duration(&s)
-        .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
 }
 
 fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -184,9 +286,7 @@ fn octal_mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
             .map_err(|_| serde::de::Error::custom(format!("invalid octal mode {s:?}")))?,
     };
     if mode & !0o777 != 0 {
-        return Err(serde::de::Error::custom(format!(
-            "mode {mode:o} has bits outside 0777"
-        )));
+        return Err(serde::de::Error::custom(format!("mode {mode:o} has bits outside 0777")));
     }
     Ok(mode)
 }
@@ -221,18 +321,45 @@ impl Settings {
     /// Parses a TOML string (tests, `check`).
     pub fn from_toml(text: &str) -> Result<Self, SettingsError> {
         Self::from_config(
-            ::config::Config::builder()
-                .add_source(::config::File::from_str(text, ::config::FileFormat::Toml)),
+            ::config::Config::builder().add_source(::config::File::from_str(text, ::config::FileFormat::Toml)),
         )
     }
 
-    fn from_config(
-        builder: ::config::ConfigBuilder<::config::builder::DefaultState>,
-    ) -> Result<Self, SettingsError> {
-        let settings: Settings = builder
-            .build()
-            .and_then(|c| c.try_deserialize())
+    fn from_config(builder: ::config::ConfigBuilder<::config::builder::DefaultState>) -> Result<Self, SettingsError> {
+        let config = builder.build().map_err(|e| SettingsError(e.to_string()))?;
+        let mut settings: Settings = config
+            .clone()
+            .try_deserialize()
             .map_err(|e| SettingsError(e.to_string()))?;
+        let kind = config
+            .get_string("backend.type")
+            .map_err(|_| SettingsError("backend.type: missing (local, pkcs11 or aws)".into()))?;
+        // A config of its own for the backend table, so errors carry the field's path.
+        let table = config.get_table("backend").map_err(|e| SettingsError(e.to_string()))?;
+        let sub = ::config::Config::builder()
+            .set_override("backend", ::config::Value::from(table))
+            .and_then(|b| b.build())
+            .map_err(|e| SettingsError(e.to_string()))?;
+        fn get<T: serde::de::DeserializeOwned>(sub: &::config::Config) -> Result<T, SettingsError> {
+            #[derive(Deserialize)]
+            struct Wrap<T> {
+                backend: T,
+            }
+            sub.clone()
+                .try_deserialize::<Wrap<T>>()
+                .map(|w| w.backend)
+                .map_err(|e| SettingsError(e.to_string()))
+        }
+        settings.backend = match kind.as_str() {
+            "local" => BackendSettings::Local(get(&sub)?),
+            "pkcs11" => BackendSettings::Pkcs11(get(&sub)?),
+            "aws" => BackendSettings::Aws(get(&sub)?),
+            other => {
+                return Err(SettingsError(format!(
+                    "backend.type: unknown backend {other:?} (local, pkcs11 or aws)"
+                )));
+            }
+        };
         settings.validate()?;
         Ok(settings)
     }
@@ -245,14 +372,15 @@ impl Settings {
         if self.kek.max_age.is_zero() {
             return err("kek.max_age must be positive");
         }
-        if self.kek.check_interval.is_zero() {
-            return err("kek.check_interval must be positive");
+        if self.probe.interval.is_zero() {
+            return err("probe.interval must be positive");
         }
-        if let Err(e) = self
-            .socket
-            .path
-            .parse::<crate::server::socket::SocketAddress>()
+        if let BackendSettings::Pkcs11(p) = &self.backend
+            && p.pin_file.is_some() == p.pin_env.is_some()
         {
+            return err("backend: set exactly one of pin_file and pin_env");
+        }
+        if let Err(e) = self.socket.path.parse::<crate::server::socket::SocketAddress>() {
             return Err(SettingsError(format!("socket.path: {e}")));
         }
         Ok(())
@@ -288,8 +416,10 @@ mod tests {
             [kek]
             max_age = "1h"
             max_uses = 10
-            check_interval = "5s"
             cache_capacity = 5
+            [probe]
+            interval = "5s"
+            max_outage = "10m"
             [status]
             version = "v2beta1"
             [backend]
@@ -302,11 +432,12 @@ mod tests {
         assert_eq!(s.socket.mode, 0o660);
         assert_eq!(s.kek.max_age, Duration::from_secs(3600));
         assert_eq!(s.status.version.as_str(), "v2beta1");
-        let BackendSettings::Local {
-            decrypt_only_key_files,
-            ..
-        } = &s.backend;
-        assert_eq!(decrypt_only_key_files, &[PathBuf::from("/a")]);
+        let BackendSettings::Local(local) = &s.backend else {
+            panic!("local backend expected");
+        };
+        assert_eq!(local.decrypt_only_key_files, &[PathBuf::from("/a")]);
+        assert_eq!(s.policy().check_interval, Duration::from_secs(5));
+        assert_eq!(s.probe.max_outage, Duration::from_secs(600));
     }
 
     #[test]
@@ -316,20 +447,25 @@ mod tests {
             (format!("[kek]\nmax_agee = \"1h\"\n{MIN}"), "max_agee"),
             (format!("[kek]\nmax_age = \"soon\"\n{MIN}"), "kek.max_age"),
             (format!("[socket]\nmode = \"999\"\n{MIN}"), "socket.mode"),
-            (
-                format!("[socket]\npath = \"relative.sock\"\n{MIN}"),
-                "socket.path",
-            ),
-            (
-                format!("[status]\nversion = \"v3\"\n{MIN}"),
-                "status.version",
-            ),
+            (format!("[socket]\npath = \"relative.sock\"\n{MIN}"), "socket.path"),
+            (format!("[status]\nversion = \"v3\"\n{MIN}"), "status.version"),
             (format!("[kek]\nmax_uses = 0\n{MIN}"), "kek.max_uses"),
-            (
-                format!("[kek]\ncache_capacity = 0\n{MIN}"),
-                "kek.cache_capacity",
-            ),
+            (format!("[kek]\ncache_capacity = 0\n{MIN}"), "kek.cache_capacity"),
             ("[backend]\ntype = \"nope\"\n".to_string(), "nope"),
+            (
+                "[probe]\ninterval = \"0s\"\n[backend]\ntype = \"local\"\ncurrent_key_file = \"/k\"\n".to_string(),
+                "probe.interval",
+            ),
+            (
+                "[backend]\ntype = \"pkcs11\"\nmodule = \"/m\"\ntoken_label = \"t\"\ncurrent_key_label = \"k\"\n"
+                    .to_string(),
+                "pin_file",
+            ),
+            (
+                "[backend]\ntype = \"aws\"\nkey = \"alias/k\"\ncall_timeout = \"x\"\n".to_string(),
+                "backend.call_timeout",
+            ),
+            (format!("{MIN}current_key_fle = \"/x\"\n"), "current_key_fle"),
             (String::new(), "backend"),
         ];
         for (text, field) in cases {

@@ -9,9 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kms_plugin::client::{self, Client};
-use kms_plugin::proto::v2::{
-    DecryptRequest, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
-};
+use kms_plugin::proto::v2::{DecryptRequest, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse};
 use kms_plugin::server::socket::SocketAddress;
 use ring::rand::{SecureRandom, SystemRandom};
 
@@ -118,11 +116,7 @@ impl Plugin {
             {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "plugin not ready; logs:\n{}",
-                self.logs()
-            );
+            assert!(Instant::now() < deadline, "plugin not ready; logs:\n{}", self.logs());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -168,11 +162,7 @@ impl Plugin {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "plugin did not exit; logs:\n{}",
-                self.logs()
-            );
+            assert!(Instant::now() < deadline, "plugin did not exit; logs:\n{}", self.logs());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -240,10 +230,6 @@ pub fn assert_contract(e: &EncryptResponse, status_key_id: &str) {
     );
     kms_plugin::contract::check_key_id(&e.key_id).unwrap();
     assert!(!e.ciphertext.is_empty() && e.ciphertext.len() <= 1024);
-    let map: HashMap<String, Vec<u8>> = e
-        .annotations
-        .iter()
-        .map(|(k, v)| (k.clone(), v.to_vec()))
-        .collect();
+    let map: HashMap<String, Vec<u8>> = e.annotations.iter().map(|(k, v)| (k.clone(), v.to_vec())).collect();
     kms_plugin::contract::check_annotations(&map).unwrap();
 }

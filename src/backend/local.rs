@@ -34,15 +34,10 @@ pub struct LocalBackend {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
     #[error("root key file {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("root key file {path} is not a regular file")]
     NotAFile { path: PathBuf },
-    #[error(
-        "root key file {path} has mode {mode:o}: it must not be readable by group or others (chmod 600)"
-    )]
+    #[error("root key file {path} has mode {mode:o}: it must not be readable by group or others (chmod 600)")]
     TooOpen { path: PathBuf, mode: u32 },
     #[error("root key file {path} holds {len} bytes; a root key is exactly 32 bytes")]
     WrongLength { path: PathBuf, len: u64 },
@@ -97,9 +92,7 @@ fn read_key_file(path: &Path) -> Result<Kek, KeyFileError> {
     let mut file = fs::File::open(path).map_err(io)?;
     let meta = file.metadata().map_err(io)?;
     if !meta.is_file() {
-        return Err(KeyFileError::NotAFile {
-            path: path.to_owned(),
-        });
+        return Err(KeyFileError::NotAFile { path: path.to_owned() });
     }
     if meta.mode() & 0o077 != 0 {
         return Err(KeyFileError::TooOpen {
@@ -124,11 +117,8 @@ pub fn generate_key_file(path: &Path) -> Result<String, KeyFileError> {
         path: path.to_owned(),
         source,
     };
-    let key = Kek::generate(&SystemRandom::new()).map_err(|_| {
-        io(std::io::Error::other(
-            "system random number generator failed",
-        ))
-    })?;
+    let key = Kek::generate(&SystemRandom::new())
+        .map_err(|_| io(std::io::Error::other("system random number generator failed")))?;
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -157,14 +147,8 @@ impl Backend for LocalBackend {
     async fn wrap(&self, kek: &Kek) -> Result<Wrapped, BackendError> {
         let root = &self.keys[&self.current];
         let mut blob = Vec::new();
-        aead::seal_into(
-            &mut blob,
-            root,
-            &wrap_aad(&self.current),
-            kek.expose(),
-            &self.rng,
-        )
-        .map_err(|_| BackendError::new(ErrorKind::Transient, "random number generator failed"))?;
+        aead::seal_into(&mut blob, root, &wrap_aad(&self.current), kek.expose(), &self.rng)
+            .map_err(|_| BackendError::new(ErrorKind::Transient, "random number generator failed"))?;
         Ok(Wrapped {
             key_id: self.current.clone(),
             blob,
@@ -172,21 +156,14 @@ impl Backend for LocalBackend {
     }
 
     async fn unwrap(&self, key_id: &str, blob: &[u8]) -> Result<Kek, BackendError> {
-        let root = self.keys.get(key_id).ok_or_else(|| {
-            BackendError::new(
-                ErrorKind::UnknownKey,
-                "key_id is not a configured local root key",
-            )
-        })?;
-        let plain = aead::open(root, &wrap_aad(key_id), blob).map_err(|_| {
-            BackendError::new(
-                ErrorKind::BadWrappedKey,
-                "wrapped KEK failed authentication",
-            )
-        })?;
-        Kek::from_bytes(&plain).ok_or_else(|| {
-            BackendError::new(ErrorKind::BadWrappedKey, "wrapped KEK has the wrong length")
-        })
+        let root = self
+            .keys
+            .get(key_id)
+            .ok_or_else(|| BackendError::new(ErrorKind::UnknownKey, "key_id is not a configured local root key"))?;
+        let plain = aead::open(root, &wrap_aad(key_id), blob)
+            .map_err(|_| BackendError::new(ErrorKind::BadWrappedKey, "wrapped KEK failed authentication"))?;
+        Kek::from_bytes(&plain)
+            .ok_or_else(|| BackendError::new(ErrorKind::BadWrappedKey, "wrapped KEK has the wrong length"))
     }
 }
 
@@ -240,10 +217,7 @@ mod tests {
 
         fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
         let e = LocalBackend::open(&p, &[]).err().unwrap();
-        assert!(
-            matches!(e, KeyFileError::TooOpen { mode: 0o640, .. }),
-            "{e}"
-        );
+        assert!(matches!(e, KeyFileError::TooOpen { mode: 0o640, .. }), "{e}");
 
         let short = dir.path().join("short");
         fs::write(&short, [0u8; 31]).unwrap();

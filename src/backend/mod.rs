@@ -4,8 +4,11 @@
 //! that key, unwraps a wrapped KEK under a named key, and says which key_ids it can unwrap
 //! under. Everything else (caching, rotation, the wire) lives in the core, written once.
 
+pub mod aws;
 pub mod delay;
 pub mod local;
+pub mod pkcs11;
+pub mod refused;
 
 use async_trait::async_trait;
 

@@ -33,30 +33,21 @@ pub fn seal_into(
     out.extend_from_slice(&nonce);
     let start = out.len();
     out.extend_from_slice(plaintext);
-    let tag = key(kek).seal_in_place_separate_tag(
-        Nonce::assume_unique_for_key(nonce),
-        Aad::from(aad),
-        &mut out[start..],
-    )?;
+    let tag =
+        key(kek).seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut out[start..])?;
     out.extend_from_slice(tag.as_ref());
     Ok(())
 }
 
 /// Opens a `nonce || ciphertext || tag` blob; fails on any length or authentication problem.
-pub fn open(
-    kek: &Kek,
-    aad: &[u8],
-    sealed: &[u8],
-) -> Result<Zeroizing<Vec<u8>>, ring::error::Unspecified> {
+pub fn open(kek: &Kek, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, ring::error::Unspecified> {
     if sealed.len() < OVERHEAD {
         return Err(ring::error::Unspecified);
     }
     let (nonce, body) = sealed.split_at(NONCE_LEN);
     let nonce = Nonce::try_assume_unique_for_key(nonce)?;
     let mut buf = Zeroizing::new(body.to_vec());
-    let len = key(kek)
-        .open_in_place(nonce, Aad::from(aad), &mut buf)?
-        .len();
+    let len = key(kek).open_in_place(nonce, Aad::from(aad), &mut buf)?.len();
     buf.truncate(len);
     Ok(buf)
 }

@@ -125,12 +125,7 @@ impl KekCache {
     /// Returns the cached KEK, or runs `fetch` once for all concurrent callers asking for the
     /// same `kek_ref`. The fetch runs in its own task, so a caller that gives up (apiserver
     /// timeout) does not cancel the unwrap the others are waiting for.
-    pub async fn get_or_fetch<F, Fut>(
-        self: &Arc<Self>,
-        kek_ref: KekRef,
-        key_id: &str,
-        fetch: F,
-    ) -> Outcome
+    pub async fn get_or_fetch<F, Fut>(self: &Arc<Self>, kek_ref: KekRef, key_id: &str, fetch: F) -> Outcome
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Kek, BackendError>> + Send + 'static,
@@ -161,11 +156,7 @@ impl KekCache {
                                 key_id,
                                 kek: Arc::clone(kek),
                             };
-                            if inner
-                                .lru
-                                .push(kek_ref, entry)
-                                .is_some_and(|(old, _)| old != kek_ref)
-                            {
+                            if inner.lru.push(kek_ref, entry).is_some_and(|(old, _)| old != kek_ref) {
                                 cache.stats.evictions.fetch_add(1, Relaxed);
                             }
                         }
@@ -177,10 +168,7 @@ impl KekCache {
         };
         match rx.wait_for(Option::is_some).await {
             Ok(outcome) => outcome.clone().expect("checked is_some"),
-            Err(_) => Err(BackendError::new(
-                ErrorKind::Transient,
-                "unwrap task ended early",
-            )),
+            Err(_) => Err(BackendError::new(ErrorKind::Transient, "unwrap task ended early")),
         }
     }
 }
@@ -219,10 +207,7 @@ mod tests {
         }
         assert_eq!(calls.load(Relaxed), 1);
         assert_eq!(cache.stats.misses.load(Relaxed), 1);
-        assert_eq!(
-            cache.stats.coalesced.load(Relaxed) + cache.stats.hits.load(Relaxed),
-            31
-        );
+        assert_eq!(cache.stats.coalesced.load(Relaxed) + cache.stats.hits.load(Relaxed), 31);
     }
 
     #[tokio::test]
@@ -238,12 +223,7 @@ mod tests {
             .unwrap();
         assert_eq!(e.kind, ErrorKind::Transient);
         assert!(cache.is_empty());
-        assert!(
-            cache
-                .get_or_fetch(r, "k", || async { Ok(kek(1)) })
-                .await
-                .is_ok()
-        );
+        assert!(cache.get_or_fetch(r, "k", || async { Ok(kek(1)) }).await.is_ok());
         assert_eq!(cache.len(), 1);
     }
 

@@ -55,12 +55,7 @@ impl<'a> Envelope<'a> {
     }
 
     /// Authenticates and decrypts; never returns bytes that were not sealed under these inputs.
-    pub fn open(
-        &self,
-        kek: &Kek,
-        key_id: &str,
-        kek_ref: &KekRef,
-    ) -> Result<Plaintext, EnvelopeError> {
+    pub fn open(&self, kek: &Kek, key_id: &str, kek_ref: &KekRef) -> Result<Plaintext, EnvelopeError> {
         aead::open(kek, &aad(key_id, kek_ref), self.sealed)
             .map(|p| Plaintext::new(p.to_vec()))
             .map_err(|_| EnvelopeError::Authentication)
@@ -111,10 +106,7 @@ mod tests {
         assert_ne!(c1, c2, "same plaintext must give distinct ciphertexts");
         assert_eq!(c1.len(), 32 + OVERHEAD);
         assert_eq!(c1[0], VERSION);
-        let p = Envelope::parse(&c1)
-            .unwrap()
-            .open(&kek, "local:a", &r)
-            .unwrap();
+        let p = Envelope::parse(&c1).unwrap().open(&kek, "local:a", &r).unwrap();
         assert_eq!(p.expose(), &seed);
     }
 
@@ -123,10 +115,7 @@ mod tests {
         let (rng, kek, r) = setup();
         let c = seal(&kek, "local:a", &r, b"seed", &rng).unwrap();
         let env = Envelope::parse(&c).unwrap();
-        assert_eq!(
-            env.open(&kek, "local:b", &r).err(),
-            Some(EnvelopeError::Authentication)
-        );
+        assert_eq!(env.open(&kek, "local:b", &r).err(), Some(EnvelopeError::Authentication));
         let other = KekRef::new("local:a", b"wrapped2");
         assert_eq!(
             env.open(&kek, "local:a", &other).err(),
@@ -143,16 +132,10 @@ mod tests {
             Envelope::parse(&c[..OVERHEAD]).err(),
             Some(EnvelopeError::Truncated(OVERHEAD))
         );
-        assert_eq!(
-            Envelope::parse(&[VERSION]).err(),
-            Some(EnvelopeError::Truncated(1))
-        );
+        assert_eq!(Envelope::parse(&[VERSION]).err(), Some(EnvelopeError::Truncated(1)));
         let mut v2 = c.clone();
         v2[0] = 2;
-        assert_eq!(
-            Envelope::parse(&v2).err(),
-            Some(EnvelopeError::UnknownVersion(2))
-        );
+        assert_eq!(Envelope::parse(&v2).err(), Some(EnvelopeError::UnknownVersion(2)));
         let big = vec![VERSION; MAX_CIPHERTEXT + 1];
         assert_eq!(
             Envelope::parse(&big).err(),

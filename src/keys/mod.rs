@@ -15,8 +15,8 @@ pub mod rotation;
 mod secret;
 
 use std::num::NonZeroUsize;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -78,6 +78,21 @@ pub struct Keys {
     rotate_soon: Notify,
     rotating: tokio::sync::Mutex<()>,
     rotations: AtomicU64,
+    health: Mutex<Health>,
+    max_outage: Duration,
+}
+
+/// What the probes and calls have seen of the backend.
+#[derive(Default)]
+struct Health {
+    /// When the current transient outage began.
+    failing_since: Option<Instant>,
+    /// A permanent failure of the current root key (disabled, deleted, access denied).
+    revoked: Option<BackendError>,
+}
+
+fn is_permanent(e: &BackendError) -> bool {
+    matches!(e.kind, ErrorKind::KeyUnusable | ErrorKind::Denied)
 }
 
 impl Keys {
@@ -85,6 +100,7 @@ impl Keys {
         backend: Arc<dyn Backend>,
         policy: RotationPolicy,
         cache_capacity: NonZeroUsize,
+        max_outage: Duration,
     ) -> Arc<Self> {
         Arc::new(Self {
             backend,
@@ -95,7 +111,73 @@ impl Keys {
             rotate_soon: Notify::new(),
             rotating: tokio::sync::Mutex::new(()),
             rotations: AtomicU64::new(0),
+            health: Mutex::new(Health::default()),
+            max_outage,
         })
+    }
+
+    fn lock_health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The KEK to seal under, or why the plugin must not seal (and Status must fail):
+    /// no KEK yet, the root key revoked, or a backend outage longer than `max_outage`.
+    pub fn healthy_current(&self) -> Result<Arc<CurrentKek>, Error> {
+        {
+            let health = self.lock_health();
+            if let Some(e) = &health.revoked {
+                return Err(Error::Backend(e.clone()));
+            }
+            if let Some(since) = health.failing_since
+                && since.elapsed() > self.max_outage
+            {
+                return Err(Error::Backend(BackendError::new(
+                    ErrorKind::Transient,
+                    format!(
+                        "backend unreachable for {} s (max_outage {} s)",
+                        since.elapsed().as_secs(),
+                        self.max_outage.as_secs()
+                    ),
+                )));
+            }
+        }
+        self.current().ok_or(Error::NotReady)
+    }
+
+    /// Records a successful probe: outages and revocations are over.
+    fn note_backend_ok(&self) {
+        let mut health = self.lock_health();
+        let was_revoked = health.revoked.take().is_some();
+        let was_failing = health.failing_since.take().is_some();
+        if was_revoked || was_failing {
+            info!("backend healthy again");
+        }
+    }
+
+    /// Records a backend failure concerning `key_id` (None: the current root key). A permanent
+    /// failure purges that key's cached KEKs; for the current key it also retires the current
+    /// KEK, so nothing more is sealed or opened under a revoked root key.
+    fn note_backend_error(&self, key_id: Option<&str>, e: &BackendError) {
+        let current = self.current();
+        let current_id = current.as_ref().map(|c| c.key_id.as_str());
+        let key_id = key_id.or(current_id);
+        if is_permanent(e) {
+            let purged = key_id.map(|k| self.cache.purge_key(k)).unwrap_or(0);
+            let is_current = key_id.is_none() || key_id == current_id;
+            warn!(
+                error = %e,
+                key_id_hash = %KeyIdHash(key_id.unwrap_or_default()),
+                purged_keks = purged,
+                current = is_current,
+                "root key unusable: cached KEKs purged"
+            );
+            if is_current {
+                self.current.store(None);
+                self.lock_health().revoked = Some(e.clone());
+            }
+        } else if e.kind == ErrorKind::Transient {
+            self.lock_health().failing_since.get_or_insert_with(Instant::now);
+        }
     }
 
     /// The current local KEK, if one has been made. Lock-free; what Status reads.
@@ -120,13 +202,14 @@ impl Keys {
 
     /// Seals a seed under the current local KEK. The caller has checked its length.
     pub async fn encrypt(&self, plaintext: &[u8]) -> Result<Sealed, Error> {
-        let cur = match self.current() {
-            Some(cur) => cur,
+        let cur = match self.healthy_current() {
+            Ok(cur) => cur,
             // Only the very first KEK is ever made on a request path.
-            None => {
+            Err(Error::NotReady) => {
                 self.rotate(Reason::First).await?;
-                self.current().ok_or(Error::NotReady)?
+                self.healthy_current()?
             }
+            Err(e) => return Err(e),
         };
         if cur.uses.fetch_add(1, Relaxed) + 1 >= self.policy.max_uses {
             self.rotate_soon.notify_one();
@@ -156,14 +239,11 @@ impl Keys {
         let kek = self
             .cache
             .get_or_fetch(kek_ref, key_id, || {
-                let (backend, key_id, blob) = (
-                    Arc::clone(&self.backend),
-                    key_id.to_owned(),
-                    wrapped_kek.clone(),
-                );
+                let (backend, key_id, blob) = (Arc::clone(&self.backend), key_id.to_owned(), wrapped_kek.clone());
                 async move { unwrap_logged(&*backend, &key_id, &blob).await }
             })
-            .await?;
+            .await
+            .inspect_err(|e| self.note_backend_error(Some(key_id), e))?;
         Ok(envelope.open(&kek, key_id, &kek_ref)?)
     }
 
@@ -174,8 +254,7 @@ impl Keys {
         if reason == Reason::First && self.current.load().is_some() {
             return Ok(());
         }
-        let kek = Kek::generate(&self.rng)
-            .map_err(|_| Error::Internal("random number generator failed"))?;
+        let kek = Kek::generate(&self.rng).map_err(|_| Error::Internal("random number generator failed"))?;
         let started = Instant::now();
         let wrapped = self.backend.wrap(&kek).await;
         info!(
@@ -185,25 +264,16 @@ impl Keys {
             elapsed_us = started.elapsed().as_micros() as u64,
             "backend call"
         );
-        let wrapped = wrapped?;
+        let wrapped = wrapped.inspect_err(|e| self.note_backend_error(None, e))?;
         // A KEK the apiserver would refuse must never become current.
-        contract::check_key_id(&wrapped.key_id).map_err(|why| {
-            BackendError::new(
-                ErrorKind::KeyUnusable,
-                format!("backend key_id unusable: {why}"),
-            )
-        })?;
+        contract::check_key_id(&wrapped.key_id)
+            .map_err(|why| BackendError::new(ErrorKind::KeyUnusable, format!("backend key_id unusable: {why}")))?;
         if wrapped.blob.is_empty() || wrapped.blob.len() > contract::MAX_WRAPPED_KEK {
-            return Err(BackendError::new(
-                ErrorKind::KeyUnusable,
-                "wrapped KEK size out of bounds",
-            )
-            .into());
+            return Err(BackendError::new(ErrorKind::KeyUnusable, "wrapped KEK size out of bounds").into());
         }
         let kek_ref = KekRef::new(&wrapped.key_id, &wrapped.blob);
         let kek = Arc::new(kek);
-        self.cache
-            .insert(kek_ref, &wrapped.key_id, Arc::clone(&kek));
+        self.cache.insert(kek_ref, &wrapped.key_id, Arc::clone(&kek));
         let previous = self.current.swap(Some(Arc::new(CurrentKek {
             kek,
             kek_ref,
@@ -252,7 +322,12 @@ impl Keys {
 
     /// One pass of the rotation task: probe the backend, rotate if anything is due.
     pub async fn check_and_rotate(&self) -> Result<(), Error> {
-        let root = self.backend.probe().await?;
+        let root = self
+            .backend
+            .probe()
+            .await
+            .inspect(|_| self.note_backend_ok())
+            .inspect_err(|e| self.note_backend_error(None, e))?;
         let reason = match self.current() {
             None => Some(Reason::First),
             Some(cur) if cur.key_id != root => Some(Reason::RootKeyChanged),
@@ -265,11 +340,7 @@ impl Keys {
     }
 }
 
-async fn unwrap_logged(
-    backend: &dyn Backend,
-    key_id: &str,
-    blob: &[u8],
-) -> Result<Kek, BackendError> {
+async fn unwrap_logged(backend: &dyn Backend, key_id: &str, blob: &[u8]) -> Result<Kek, BackendError> {
     let started = Instant::now();
     let result = backend.unwrap(key_id, blob).await;
     info!(

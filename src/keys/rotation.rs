@@ -70,10 +70,7 @@ mod tests {
     fn due_by_age_or_uses() {
         let p = RotationPolicy::default();
         assert_eq!(p.due(Duration::ZERO, 0), None);
-        assert_eq!(
-            p.due(p.max_age - Duration::from_secs(1), p.max_uses - 1),
-            None
-        );
+        assert_eq!(p.due(p.max_age - Duration::from_secs(1), p.max_uses - 1), None);
         assert_eq!(p.due(p.max_age, 0), Some(Reason::Age));
         assert_eq!(p.due(Duration::ZERO, 1 << 21), Some(Reason::Uses));
         assert_eq!(p.due(p.max_age * 2, 1 << 22), Some(Reason::Age));
@@ -87,10 +84,7 @@ mod tests {
             check_interval: Duration::from_secs(60),
         };
         assert_eq!(p.next_check(Duration::ZERO), Duration::from_secs(60));
-        assert_eq!(
-            p.next_check(Duration::from_secs(70)),
-            Duration::from_secs(30)
-        );
+        assert_eq!(p.next_check(Duration::from_secs(70)), Duration::from_secs(30));
         assert_eq!(p.next_check(Duration::from_secs(170)), Duration::ZERO);
     }
 }

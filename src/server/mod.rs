@@ -28,11 +28,12 @@ pub async fn serve(
     let grpc = KeyManagementServiceServer::new(service)
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_REQUEST_BYTES);
-    let server = Server::builder()
-        .add_service(grpc)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
-            let _ = stop_rx.await;
-        });
+    let server =
+        Server::builder()
+            .add_service(grpc)
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            });
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => return result,

@@ -41,9 +41,7 @@ impl FromStr for SocketAddress {
             return Err(format!("{s:?} is not an absolute socket path"));
         }
         if s.len() > 107 {
-            return Err(format!(
-                "socket path {s:?} is longer than the 107-byte limit"
-            ));
+            return Err(format!("socket path {s:?} is longer than the 107-byte limit"));
         }
         Ok(Self::Path(path))
     }
@@ -115,16 +113,14 @@ pub fn bind(
     };
     let gid = group.map(resolve_group).transpose()?;
     let std_listener = match address {
-        SocketAddress::Abstract(_) => UnixListener::bind_addr(
-            &address.std_addr().map_err(io_err("address"))?,
-        )
-        .map_err(|e| {
-            if e.kind() == ErrorKind::AddrInUse {
-                SocketError::InUse(address.clone())
-            } else {
-                io_err("bind")(e)
-            }
-        })?,
+        SocketAddress::Abstract(_) => UnixListener::bind_addr(&address.std_addr().map_err(io_err("address"))?)
+            .map_err(|e| {
+                if e.kind() == ErrorKind::AddrInUse {
+                    SocketError::InUse(address.clone())
+                } else {
+                    io_err("bind")(e)
+                }
+            })?,
         SocketAddress::Path(path) => {
             prepare_path(address, path)?;
             let l = UnixListener::bind(path).map_err(io_err("bind"))?;
@@ -135,9 +131,7 @@ pub fn bind(
             l
         }
     };
-    std_listener
-        .set_nonblocking(true)
-        .map_err(io_err("set_nonblocking"))?;
+    std_listener.set_nonblocking(true).map_err(io_err("set_nonblocking"))?;
     let listener = tokio::net::UnixListener::from_std(std_listener).map_err(io_err("register"))?;
     Ok((listener, SocketGuard(address.clone())))
 }
@@ -192,14 +186,8 @@ mod tests {
     #[test]
     fn parses_addresses() {
         let p = |s: &str| s.parse::<SocketAddress>();
-        assert_eq!(
-            p("/run/k.sock"),
-            Ok(SocketAddress::Path("/run/k.sock".into()))
-        );
-        assert_eq!(
-            p("unix:///run/k.sock"),
-            Ok(SocketAddress::Path("/run/k.sock".into()))
-        );
+        assert_eq!(p("/run/k.sock"), Ok(SocketAddress::Path("/run/k.sock".into())));
+        assert_eq!(p("unix:///run/k.sock"), Ok(SocketAddress::Path("/run/k.sock".into())));
         assert_eq!(p("@kms"), Ok(SocketAddress::Abstract("kms".into())));
         assert_eq!(p("unix:///@kms"), Ok(SocketAddress::Abstract("kms".into())));
         assert!(p("k.sock").is_err());

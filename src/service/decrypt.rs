@@ -16,15 +16,9 @@ struct Checked<'a> {
 
 fn check(request: &DecryptRequest) -> Result<Checked<'_>, Error> {
     contract::check_key_id(&request.key_id).map_err(Error::InvalidArgument)?;
-    if let Some(other) = request
-        .annotations
-        .keys()
-        .find(|k| k.as_str() != KEK_ANNOTATION)
-    {
+    if let Some(other) = request.annotations.keys().find(|k| k.as_str() != KEK_ANNOTATION) {
         let shown: String = other.chars().take(64).collect();
-        return Err(Error::InvalidArgument(format!(
-            "unexpected annotation {shown:?}"
-        )));
+        return Err(Error::InvalidArgument(format!("unexpected annotation {shown:?}")));
     }
     let wrapped_kek = request
         .annotations

@@ -57,38 +57,23 @@ fn finish<T>(
 
 #[tonic::async_trait]
 impl KeyManagementService for KmsService {
-    async fn status(
-        &self,
-        _request: Request<StatusRequest>,
-    ) -> Result<Response<StatusResponse>, Status> {
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let started = Instant::now();
         let result = status::handle(&self.keys, self.version);
-        let key_id = result
-            .as_ref()
-            .map(|r| r.key_id.clone())
-            .unwrap_or_default();
+        let key_id = result.as_ref().map(|r| r.key_id.clone()).unwrap_or_default();
         finish("Status", "", &key_id, started, result)
     }
 
-    async fn encrypt(
-        &self,
-        request: Request<EncryptRequest>,
-    ) -> Result<Response<EncryptResponse>, Status> {
+    async fn encrypt(&self, request: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
         let started = Instant::now();
         let request = request.into_inner();
         let uid = request.uid.clone();
         let result = encrypt::handle(&self.keys, request).await;
-        let key_id = result
-            .as_ref()
-            .map(|r| r.key_id.clone())
-            .unwrap_or_default();
+        let key_id = result.as_ref().map(|r| r.key_id.clone()).unwrap_or_default();
         finish("Encrypt", &uid, &key_id, started, result)
     }
 
-    async fn decrypt(
-        &self,
-        request: Request<DecryptRequest>,
-    ) -> Result<Response<DecryptResponse>, Status> {
+    async fn decrypt(&self, request: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
         let started = Instant::now();
         let request = request.into_inner();
         let result = decrypt::handle(&self.keys, &request).await;

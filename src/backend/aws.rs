@@ -1,0 +1,227 @@
+//! AWS KMS backend (`aws-sdk-kms`), also usable with AWS-KMS-compatible servers.
+//!
+//! The root key is a KMS key, named by key ARN, key id, alias name or alias ARN; `DescribeKey`
+//! resolves it to the key ARN, which is the key_id. The alias is re-resolved on every probe, so
+//! re-pointing an alias is a root-key rotation. A local KEK is wrapped with `Encrypt` under an
+//! encryption context (`kms-plugin: local-kek` plus any configured pairs) that `Decrypt` must
+//! repeat, and `Decrypt` names the expected key, so a blob made under another key is refused.
+//!
+//! Calls have an overall and a per-attempt timeout well under the apiserver's 3 s, and the SDK's
+//! standard retry mode (with its retry-quota token bucket) as the retry budget.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_config::BehaviorVersion;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_sdk_kms::Client;
+use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::KeyState;
+use zeroize::Zeroizing;
+
+use super::{Backend, BackendError, ErrorKind, Wrapped};
+use crate::keys::Kek;
+
+/// Settings for [`AwsBackend::connect`].
+#[derive(Debug, Clone)]
+pub struct AwsOptions {
+    pub key: String,
+    pub decrypt_only_keys: Vec<String>,
+    pub region: Option<String>,
+    pub endpoint: Option<String>,
+    pub encryption_context: BTreeMap<String, String>,
+    pub call_timeout: Duration,
+    pub attempt_timeout: Duration,
+    pub max_attempts: u32,
+}
+
+/// A KMS key in AWS KMS (or a compatible server).
+pub struct AwsBackend {
+    client: Client,
+    key: String,
+    context: BTreeMap<String, String>,
+    current: Mutex<Option<String>>,
+    known: Mutex<HashSet<String>>,
+}
+
+fn classify<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> ErrorKind {
+    match e {
+        SdkError::ServiceError(s) => match s.err().code().unwrap_or_default() {
+            "DisabledException" | "KMSInvalidStateException" | "NotFoundException" | "InvalidKeyUsageException" => {
+                ErrorKind::KeyUnusable
+            }
+            "AccessDeniedException"
+            | "UnrecognizedClientException"
+            | "InvalidSignatureException"
+            | "ExpiredTokenException"
+            | "IncompleteSignature" => ErrorKind::Denied,
+            "InvalidCiphertextException" | "IncorrectKeyException" => ErrorKind::BadWrappedKey,
+            // Throttling, KMSInternalException, DependencyTimeoutException, KeyUnavailableException …
+            _ => ErrorKind::Transient,
+        },
+        _ => ErrorKind::Transient,
+    }
+}
+
+fn err<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+    e: SdkError<E, R>,
+    what: &str,
+) -> BackendError {
+    let kind = classify(&e);
+    let detail = match &e {
+        SdkError::ServiceError(s) => format!(
+            "aws {what}: {}: {}",
+            s.err().code().unwrap_or("unknown"),
+            s.err().message().unwrap_or_default()
+        ),
+        other => format!("aws {what}: {}", aws_sdk_kms::error::DisplayErrorContext(other)),
+    };
+    BackendError::new(kind, detail)
+}
+
+impl AwsBackend {
+    /// Builds the client from the SDK's standard credential chain and tries to resolve the key.
+    /// An unreachable KMS does not stop start-up (the probe resolves it later); a key that is
+    /// missing or disabled does.
+    pub async fn connect(opts: &AwsOptions) -> Result<Self, String> {
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(http)
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .operation_timeout(opts.call_timeout)
+                    .operation_attempt_timeout(opts.attempt_timeout)
+                    .connect_timeout(opts.attempt_timeout)
+                    .build(),
+            )
+            .retry_config(RetryConfig::standard().with_max_attempts(opts.max_attempts.max(1)));
+        if let Some(region) = &opts.region {
+            loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        if let Some(endpoint) = &opts.endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        let shared = loader.load().await;
+        if shared.region().is_none() {
+            return Err("aws: no region configured (set backend.region or AWS_REGION)".into());
+        }
+        let mut context = opts.encryption_context.clone();
+        context.insert("kms-plugin".into(), "local-kek".into());
+        let backend = Self {
+            client: Client::new(&shared),
+            key: opts.key.clone(),
+            context,
+            current: Mutex::new(None),
+            known: Mutex::new(opts.decrypt_only_keys.iter().cloned().collect()),
+        };
+        match backend.resolve().await {
+            Ok(_) => {}
+            Err(e) if e.kind == ErrorKind::Transient => {
+                tracing::warn!(error = %e, "aws: key not resolved at start-up; will retry in the background")
+            }
+            Err(e) => return Err(e.detail),
+        }
+        Ok(backend)
+    }
+
+    /// DescribeKey: the configured key's ARN, if it is enabled.
+    async fn resolve(&self) -> Result<String, BackendError> {
+        let out = self
+            .client
+            .describe_key()
+            .key_id(&self.key)
+            .send()
+            .await
+            .map_err(|e| err(e, "DescribeKey"))?;
+        let meta = out
+            .key_metadata
+            .ok_or_else(|| BackendError::new(ErrorKind::Transient, "aws DescribeKey: no metadata"))?;
+        if meta.key_state != Some(KeyState::Enabled) {
+            return Err(BackendError::new(
+                ErrorKind::KeyUnusable,
+                format!("aws key {} is {:?}", meta.arn.as_deref().unwrap_or("?"), meta.key_state),
+            ));
+        }
+        let arn = meta
+            .arn
+            .ok_or_else(|| BackendError::new(ErrorKind::Transient, "aws DescribeKey: no ARN"))?;
+        self.known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(arn.clone());
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(arn.clone());
+        Ok(arn)
+    }
+}
+
+#[async_trait]
+impl Backend for AwsBackend {
+    fn name(&self) -> &'static str {
+        "aws"
+    }
+
+    async fn probe(&self) -> Result<String, BackendError> {
+        self.resolve().await
+    }
+
+    fn knows(&self, key_id: &str) -> bool {
+        self.known
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(key_id)
+    }
+
+    async fn wrap(&self, kek: &Kek) -> Result<Wrapped, BackendError> {
+        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let arn = match current {
+            Some(arn) => arn,
+            None => self.resolve().await?,
+        };
+        let out = self
+            .client
+            .encrypt()
+            .key_id(&arn)
+            .plaintext(Blob::new(kek.expose().to_vec()))
+            .set_encryption_context(Some(self.context.clone().into_iter().collect()))
+            .send()
+            .await
+            .map_err(|e| err(e, "Encrypt"))?;
+        let blob = out
+            .ciphertext_blob
+            .ok_or_else(|| BackendError::new(ErrorKind::Transient, "aws Encrypt: no ciphertext"))?;
+        Ok(Wrapped {
+            key_id: arn,
+            blob: blob.into_inner(),
+        })
+    }
+
+    async fn unwrap(&self, key_id: &str, blob: &[u8]) -> Result<Kek, BackendError> {
+        if !self.knows(key_id) {
+            return Err(BackendError::new(ErrorKind::UnknownKey, "aws: key_id not configured"));
+        }
+        let out = self
+            .client
+            .decrypt()
+            .key_id(key_id)
+            .ciphertext_blob(Blob::new(blob.to_vec()))
+            .set_encryption_context(Some(self.context.clone().into_iter().collect()))
+            .send()
+            .await
+            .map_err(|e| err(e, "Decrypt"))?;
+        let plain = Zeroizing::new(
+            out.plaintext
+                .ok_or_else(|| BackendError::new(ErrorKind::Transient, "aws Decrypt: no plaintext"))?
+                .into_inner(),
+        );
+        Kek::from_bytes(&plain)
+            .ok_or_else(|| BackendError::new(ErrorKind::BadWrappedKey, "aws: unwrapped KEK has the wrong length"))
+    }
+}

@@ -1,0 +1,480 @@
+//! PKCS#11 HSM backend (Thales Luna, YubiHSM, CloudHSM, SoftHSM …) through `cryptoki`.
+//!
+//! The root key is an AES key on the token, found by label; it never leaves the token. A local
+//! KEK is wrapped by C_Encrypt with CKM_AES_GCM (random 96-bit IV, AAD binding the key_id), so
+//! only `iv || ciphertext || tag` leaves the plugin.
+//!
+//! key_id = `pkcs11:` + 128 bits of SHA-256 over the token serial and label, the key label, and
+//! a check value (AES-GCM of a constant under the key): stable on every node sharing the
+//! partition, and different if the label is moved to another key.
+//!
+//! PKCS#11 calls block, so they run on tokio's blocking pool, one session each, from a pool
+//! bounded by `sessions`. A session that was closed or logged out is replaced (re-open,
+//! re-login) and the call retried once. A rejected PIN is never tried again: tokens lock after a
+//! few failures, so the backend fails every later call until the plugin is restarted.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use async_trait::async_trait;
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::{AuthPin, Ulong};
+use ring::digest;
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio::sync::Semaphore;
+use zeroize::Zeroizing;
+
+use super::{Backend, BackendError, ErrorKind, Wrapped};
+use crate::keys::{KEY_LEN, Kek};
+
+const KEY_ID_DOMAIN: &[u8] = b"kms-plugin/pkcs11-key-id/v1\0";
+const KCV_AAD: &[u8] = b"kms-plugin/pkcs11-key-check-value/v1";
+const WRAP_AAD_DOMAIN: &[u8] = b"kms-plugin/pkcs11-wrap/v1\0";
+const IV_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+
+/// Where the user PIN comes from. Never a command-line argument, never logged.
+#[derive(Debug, Clone)]
+pub enum PinSource {
+    File(PathBuf),
+    Env(String),
+}
+
+/// Settings for [`Pkcs11Backend::open`].
+#[derive(Debug, Clone)]
+pub struct Pkcs11Options {
+    pub module: PathBuf,
+    pub token_label: String,
+    pub pin: PinSource,
+    pub current_key_label: String,
+    pub decrypt_only_key_labels: Vec<String>,
+    pub sessions: usize,
+}
+
+struct RootKey {
+    label: String,
+    handle: Mutex<Option<ObjectHandle>>,
+}
+
+/// Shared state used on the blocking pool.
+struct Token {
+    ctx: Pkcs11,
+    slot: Slot,
+    token_id: Vec<u8>,
+    pin: AuthPin,
+    pin_rejected: AtomicBool,
+    idle: Mutex<Vec<Session>>,
+}
+
+/// Why the token could not be opened.
+#[derive(Debug)]
+pub struct OpenError {
+    pub message: String,
+    /// The token rejected the PIN: do not try it again.
+    pub pin_rejected: bool,
+}
+
+/// A PKCS#11 token holding the root keys.
+pub struct Pkcs11Backend {
+    token: Arc<Token>,
+    permits: Semaphore,
+    current_label: String,
+    /// key_id → key, for the current and decrypt-only labels. The current key_id can change
+    /// when a probe finds another key under the current label.
+    keys: Mutex<HashMap<String, Arc<RootKey>>>,
+    current: Mutex<String>,
+    rng: SystemRandom,
+}
+
+fn classify(e: &CkError) -> ErrorKind {
+    match e {
+        CkError::Pkcs11(rv, _) => match rv {
+            RvError::PinIncorrect | RvError::PinLocked | RvError::PinExpired | RvError::PinInvalid => ErrorKind::Denied,
+            RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange => ErrorKind::BadWrappedKey,
+            // Tokens (SoftHSM among them) report a failed GCM tag on C_Decrypt as a generic error.
+            RvError::GeneralError | RvError::FunctionFailed if matches!(e, CkError::Pkcs11(_, Function::Decrypt)) => {
+                ErrorKind::BadWrappedKey
+            }
+            RvError::KeyFunctionNotPermitted
+            | RvError::KeyTypeInconsistent
+            | RvError::KeyHandleInvalid
+            | RvError::MechanismInvalid
+            | RvError::MechanismParamInvalid => ErrorKind::KeyUnusable,
+            _ => ErrorKind::Transient,
+        },
+        _ => ErrorKind::Transient,
+    }
+}
+
+/// Errors after which the session (or login) is gone and a fresh one may succeed.
+fn session_lost(e: &CkError) -> bool {
+    matches!(
+        e,
+        CkError::Pkcs11(
+            RvError::SessionHandleInvalid
+                | RvError::SessionClosed
+                | RvError::UserNotLoggedIn
+                | RvError::DeviceRemoved
+                | RvError::TokenNotPresent
+                | RvError::DeviceError
+                | RvError::KeyHandleInvalid,
+            _
+        )
+    )
+}
+
+fn err(e: &CkError, what: &str) -> BackendError {
+    BackendError::new(classify(e), format!("pkcs11 {what}: {e}"))
+}
+
+impl Token {
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Session>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A logged-in session: an idle one, or a new one.
+    fn session(&self) -> Result<Session, BackendError> {
+        if let Some(s) = self.lock_idle().pop() {
+            return Ok(s);
+        }
+        if self.pin_rejected.load(Ordering::Relaxed) {
+            return Err(BackendError::new(
+                ErrorKind::Denied,
+                "pkcs11: the token rejected the PIN earlier; not retrying (fix the PIN and restart)",
+            ));
+        }
+        let session = self
+            .ctx
+            .open_ro_session(self.slot)
+            .map_err(|e| err(&e, "open session"))?;
+        match session.login(UserType::User, Some(&self.pin)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+            Err(e) => {
+                if classify(&e) == ErrorKind::Denied {
+                    self.pin_rejected.store(true, Ordering::Relaxed);
+                }
+                Err(err(&e, "login"))
+            }
+        }
+    }
+
+    /// Runs `op` on a pooled session; on a lost session or login, retries once on a fresh one.
+    fn run<T>(
+        &self,
+        key: &RootKey,
+        op: impl Fn(&Session, ObjectHandle) -> Result<T, CkError>,
+    ) -> Result<T, BackendError> {
+        let mut attempt = 0;
+        loop {
+            let session = self.session()?;
+            let handle = match self.handle(&session, key) {
+                Ok(h) => h,
+                Err(e) => {
+                    drop(session);
+                    return Err(e);
+                }
+            };
+            match op(&session, handle) {
+                Ok(v) => {
+                    self.lock_idle().push(session);
+                    return Ok(v);
+                }
+                Err(e) if attempt == 0 && session_lost(&e) => {
+                    tracing::warn!(error = %e, "pkcs11 session lost; reopening and retrying once");
+                    drop(session);
+                    *key.handle.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                    // Other idle sessions likely died with it (logout, token reset).
+                    self.lock_idle().clear();
+                    attempt += 1;
+                }
+                Err(e) => {
+                    if !session_lost(&e) {
+                        self.lock_idle().push(session);
+                    }
+                    return Err(err(&e, "operation"));
+                }
+            }
+        }
+    }
+
+    fn handle(&self, session: &Session, key: &RootKey) -> Result<ObjectHandle, BackendError> {
+        if let Some(h) = *key.handle.lock().unwrap_or_else(PoisonError::into_inner) {
+            return Ok(h);
+        }
+        let found = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Label(key.label.as_bytes().to_vec()),
+            ])
+            .map_err(|e| err(&e, "find key"))?;
+        match found.as_slice() {
+            [h] => {
+                *key.handle.lock().unwrap_or_else(PoisonError::into_inner) = Some(*h);
+                Ok(*h)
+            }
+            [] => Err(BackendError::new(
+                ErrorKind::KeyUnusable,
+                format!("pkcs11: no secret key labelled {:?} on the token", key.label),
+            )),
+            _ => Err(BackendError::new(
+                ErrorKind::KeyUnusable,
+                format!(
+                    "pkcs11: {} secret keys labelled {:?}; labels must be unique",
+                    found.len(),
+                    key.label
+                ),
+            )),
+        }
+    }
+
+    /// The public identity of the key under `key.label`.
+    fn key_id(&self, key: &RootKey) -> Result<String, BackendError> {
+        let kcv = self.run(key, |s, h| {
+            let mut iv = [0u8; IV_LEN];
+            let params = GcmParams::new(&mut iv, KCV_AAD, Ulong::from(128))?;
+            s.encrypt(&Mechanism::AesGcm(params), h, &[0u8; 16])
+        })?;
+        let mut ctx = digest::Context::new(&digest::SHA256);
+        ctx.update(KEY_ID_DOMAIN);
+        ctx.update(&self.token_id);
+        ctx.update(key.label.as_bytes());
+        ctx.update(b"\0");
+        ctx.update(&kcv);
+        Ok(format!("pkcs11:{}", hex::encode(&ctx.finish().as_ref()[..16])))
+    }
+}
+
+fn read_pin(source: &PinSource) -> Result<AuthPin, String> {
+    let pin = match source {
+        PinSource::Env(var) => std::env::var(var).map_err(|_| format!("PIN environment variable {var} is not set"))?,
+        PinSource::File(path) => {
+            let meta = std::fs::metadata(path).map_err(|e| format!("PIN file {}: {e}", path.display()))?;
+            if meta.mode() & 0o007 != 0 {
+                return Err(format!(
+                    "PIN file {} is readable by others (mode {:o}); chmod o-rwx",
+                    path.display(),
+                    meta.mode() & 0o777
+                ));
+            }
+            let text =
+                Zeroizing::new(std::fs::read_to_string(path).map_err(|e| format!("PIN file {}: {e}", path.display()))?);
+            text.trim_end_matches(['\n', '\r']).to_string()
+        }
+    };
+    if pin.is_empty() {
+        return Err("the PKCS#11 PIN is empty".into());
+    }
+    Ok(AuthPin::from(pin))
+}
+
+impl Pkcs11Backend {
+    /// Loads the module, finds the token, logs in once and resolves every configured key.
+    /// A missing key, token or module is an error here, before the plugin binds its socket.
+    pub fn open(opts: &Pkcs11Options) -> Result<Self, OpenError> {
+        Self::open_inner(opts)
+            .map_err(|message| OpenError {
+                message,
+                pin_rejected: false,
+            })
+            .and_then(|(token, keys, current)| {
+                if token.pin_rejected.load(Ordering::Relaxed) {
+                    return Err(OpenError {
+                        message: "the token rejected the PIN".into(),
+                        pin_rejected: true,
+                    });
+                }
+                Ok(Self {
+                    token,
+                    permits: Semaphore::new(opts.sessions.max(1)),
+                    current_label: opts.current_key_label.clone(),
+                    keys: Mutex::new(keys),
+                    current: Mutex::new(current),
+                    rng: SystemRandom::new(),
+                })
+            })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn open_inner(opts: &Pkcs11Options) -> Result<(Arc<Token>, HashMap<String, Arc<RootKey>>, String), String> {
+        let pin = read_pin(&opts.pin)?;
+        let ctx =
+            Pkcs11::new(&opts.module).map_err(|e| format!("loading PKCS#11 module {}: {e}", opts.module.display()))?;
+        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => return Err(format!("C_Initialize: {e}")),
+        }
+        let mut slot = None;
+        for s in ctx.get_slots_with_token().map_err(|e| format!("listing slots: {e}"))? {
+            let info = ctx.get_token_info(s).map_err(|e| format!("token info: {e}"))?;
+            if info.label().trim_end() == opts.token_label {
+                slot = Some((
+                    s,
+                    format!("{}\0{}\0", info.serial_number().trim_end(), opts.token_label),
+                ));
+                break;
+            }
+        }
+        let (slot, token_id) = slot.ok_or_else(|| format!("no PKCS#11 token labelled {:?}", opts.token_label))?;
+        let token = Arc::new(Token {
+            ctx,
+            slot,
+            token_id: token_id.into_bytes(),
+            pin,
+            pin_rejected: AtomicBool::new(false),
+            idle: Mutex::new(Vec::new()),
+        });
+        let mut keys = HashMap::new();
+        let mut current = String::new();
+        let labels = std::iter::once(&opts.current_key_label).chain(&opts.decrypt_only_key_labels);
+        for (i, label) in labels.enumerate() {
+            let key = Arc::new(RootKey {
+                label: label.clone(),
+                handle: Mutex::new(None),
+            });
+            let id = match token.key_id(&key) {
+                Ok(id) => id,
+                // Reported by `open` without a second attempt.
+                Err(_) if token.pin_rejected.load(Ordering::Relaxed) => return Ok((token, keys, current)),
+                Err(e) => return Err(format!("key {label:?}: {}", e.detail)),
+            };
+            if i == 0 {
+                current = id.clone();
+            }
+            if keys.insert(id, key).is_some() {
+                return Err(format!(
+                    "key label {label:?} names the same key as another configured label"
+                ));
+            }
+        }
+        Ok((token, keys, current))
+    }
+
+    fn key(&self, key_id: &str) -> Option<Arc<RootKey>> {
+        self.keys
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key_id)
+            .cloned()
+    }
+
+    /// Runs a blocking token operation on the blocking pool, bounded by the session count.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Token) -> Result<T, BackendError> + Send + 'static,
+    ) -> Result<T, BackendError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| BackendError::new(ErrorKind::Transient, "pkcs11 pool closed"))?;
+        let token = Arc::clone(&self.token);
+        tokio::task::spawn_blocking(move || f(&token))
+            .await
+            .map_err(|_| BackendError::new(ErrorKind::Transient, "pkcs11 worker failed"))?
+    }
+}
+
+fn wrap_aad(key_id: &str) -> Vec<u8> {
+    [WRAP_AAD_DOMAIN, key_id.as_bytes()].concat()
+}
+
+#[async_trait]
+impl Backend for Pkcs11Backend {
+    fn name(&self) -> &'static str {
+        "pkcs11"
+    }
+
+    async fn probe(&self) -> Result<String, BackendError> {
+        let key = Arc::new(RootKey {
+            label: self.current_label.clone(),
+            handle: Mutex::new(None),
+        });
+        let probe_key = Arc::clone(&key);
+        let id = self.blocking(move |t| t.key_id(&probe_key)).await?;
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if *current != id {
+            // The label now names another key: that is a root-key rotation.
+            self.keys
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(id.clone())
+                .or_insert(key);
+            *current = id.clone();
+        }
+        Ok(id)
+    }
+
+    fn knows(&self, key_id: &str) -> bool {
+        self.keys
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(key_id)
+    }
+
+    async fn wrap(&self, kek: &Kek) -> Result<Wrapped, BackendError> {
+        let key_id = self.current.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let key = self
+            .key(&key_id)
+            .ok_or_else(|| BackendError::new(ErrorKind::KeyUnusable, "pkcs11: current key unknown"))?;
+        let mut iv = [0u8; IV_LEN];
+        self.rng
+            .fill(&mut iv)
+            .map_err(|_| BackendError::new(ErrorKind::Transient, "random number generator failed"))?;
+        let plain = Zeroizing::new(kek.expose().to_vec());
+        let aad = wrap_aad(&key_id);
+        let ct = self
+            .blocking(move |t| {
+                t.run(&key, |s, h| {
+                    let mut iv = iv;
+                    let params = GcmParams::new(&mut iv, &aad, Ulong::from(128))?;
+                    s.encrypt(&Mechanism::AesGcm(params), h, &plain)
+                })
+            })
+            .await?;
+        Ok(Wrapped {
+            key_id,
+            blob: [&iv[..], &ct].concat(),
+        })
+    }
+
+    async fn unwrap(&self, key_id: &str, blob: &[u8]) -> Result<Kek, BackendError> {
+        let key = self
+            .key(key_id)
+            .ok_or_else(|| BackendError::new(ErrorKind::UnknownKey, "pkcs11: key_id not configured"))?;
+        if blob.len() != IV_LEN + KEY_LEN + TAG_LEN {
+            return Err(BackendError::new(
+                ErrorKind::BadWrappedKey,
+                "pkcs11: wrapped KEK has the wrong length",
+            ));
+        }
+        let aad = wrap_aad(key_id);
+        let blob = blob.to_vec();
+        let plain = self
+            .blocking(move |t| {
+                t.run(&key, |s, h| {
+                    let mut iv = [0u8; IV_LEN];
+                    iv.copy_from_slice(&blob[..IV_LEN]);
+                    let params = GcmParams::new(&mut iv, &aad, Ulong::from(128))?;
+                    s.decrypt(&Mechanism::AesGcm(params), h, &blob[IV_LEN..])
+                        .map(Zeroizing::new)
+                })
+            })
+            .await?;
+        Kek::from_bytes(&plain)
+            .ok_or_else(|| BackendError::new(ErrorKind::BadWrappedKey, "pkcs11: unwrapped KEK has the wrong length"))
+    }
+}
+
+/// For tests: the module path Debian's softhsm2 package installs.
+pub fn softhsm_module() -> &'static Path {
+    Path::new("/usr/lib/softhsm/libsofthsm2.so")
+}
