@@ -2,7 +2,9 @@
 
 mod common;
 
+mod aws;
 mod bad_input;
 mod hierarchy;
+mod pkcs11;
 mod protocol;
 mod socket;

@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
 # The project's one test command (README "Run the tests"; .ci/run calls it).
-# Installs what the tests need, idempotently, then runs every test over the real socket.
+# Installs what the tests need, idempotently, then runs every test: unit tests, and integration
+# tests that start the built binary and talk to it over its socket, against real SoftHSM2 and
+# moto (AWS KMS compatible) servers. Nothing is skipped: a missing tool fails the test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Tools the backend tests drive (added by the backend suites as they land).
+# Debian packages: SoftHSM2 (PKCS#11 token) and OpenSC's pkcs11-tool (creates AES keys on it).
 need_apt=()
+[ -e /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null || need_apt+=(softhsm2)
+command -v pkcs11-tool >/dev/null || need_apt+=(opensc)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
+
+# moto's server mode (a real AWS-KMS-compatible server) in a project-local venv.
+if ! .venv/bin/python -c 'import moto.server, flask' 2>/dev/null; then
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check 'moto[server]>=5,<6'
+fi
+export KMS_TEST_MOTO_SERVER="$PWD/.venv/bin/moto_server"
 
 cargo test --locked --all-targets

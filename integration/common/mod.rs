@@ -13,6 +13,9 @@ use kms_plugin::proto::v2::{DecryptRequest, EncryptRequest, EncryptResponse, Sta
 use kms_plugin::server::socket::SocketAddress;
 use ring::rand::{SecureRandom, SystemRandom};
 
+pub mod moto;
+pub mod softhsm;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_kms-plugin");
 
 /// A scratch directory with root keys in it.
@@ -44,6 +47,13 @@ impl Dir {
         self.path("run/kms.sock").display().to_string()
     }
 
+    /// Writes a config file with `text` and returns its path.
+    pub fn write_config(&self, text: &str) -> PathBuf {
+        let path = self.path(&format!("config-{}.toml", rand_hex(4)));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
     /// A config for the local backend with `current` and `old` keys plus extra TOML.
     pub fn config(&self, socket: &str, current: &str, old: &[&str], extra: &str) -> PathBuf {
         let old: Vec<String> = old
@@ -72,21 +82,32 @@ pub struct Plugin {
 impl Plugin {
     /// Starts `kms-plugin serve --config <config>` and waits until Status answers.
     pub async fn start(config: &Path) -> Plugin {
+        Self::start_env(config, &[]).await
+    }
+
+    /// Like [`Plugin::start`], with extra environment variables.
+    pub async fn start_env(config: &Path, env: &[(&str, &str)]) -> Plugin {
         let text = std::fs::read_to_string(config).unwrap();
         let socket = text
             .lines()
             .find_map(|l| l.strip_prefix("path = "))
             .map(|s| s.trim_matches('"').to_string())
             .expect("socket path in config");
-        let plugin = Self::spawn(&["serve", "--config", config.to_str().unwrap()], &socket);
+        let plugin = Self::spawn_env(&["serve", "--config", config.to_str().unwrap()], &socket, env);
         plugin.wait_ready().await;
         plugin
     }
 
     /// Spawns the binary with `args`, capturing stderr; does not wait.
     pub fn spawn(args: &[&str], socket: &str) -> Plugin {
+        Self::spawn_env(args, socket, &[])
+    }
+
+    /// Spawns the binary with `args` and extra environment variables.
+    pub fn spawn_env(args: &[&str], socket: &str, env: &[(&str, &str)]) -> Plugin {
         let mut child = Command::new(BIN)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info,kms_plugin=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -106,6 +127,18 @@ impl Plugin {
             socket: socket.to_string(),
             logs,
         }
+    }
+
+    /// Whether `needle` appears in the log within a bounded wait.
+    pub async fn wait_log(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.logs().contains(needle) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
     }
 
     pub async fn wait_ready(&self) {

@@ -126,7 +126,8 @@ fn session_lost(e: &CkError) -> bool {
                 | RvError::DeviceRemoved
                 | RvError::TokenNotPresent
                 | RvError::DeviceError
-                | RvError::KeyHandleInvalid,
+                | RvError::KeyHandleInvalid
+                | RvError::ObjectHandleInvalid,
             _
         )
     )

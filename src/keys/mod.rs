@@ -89,6 +89,8 @@ struct Health {
     failing_since: Option<Instant>,
     /// A permanent failure of the current root key (disabled, deleted, access denied).
     revoked: Option<BackendError>,
+    /// The key_id that failed, if known: nothing is unwrapped under it until a probe succeeds.
+    revoked_key: Option<String>,
 }
 
 fn is_permanent(e: &BackendError) -> bool {
@@ -148,6 +150,7 @@ impl Keys {
     fn note_backend_ok(&self) {
         let mut health = self.lock_health();
         let was_revoked = health.revoked.take().is_some();
+        health.revoked_key = None;
         let was_failing = health.failing_since.take().is_some();
         if was_revoked || was_failing {
             info!("backend healthy again");
@@ -173,7 +176,11 @@ impl Keys {
             );
             if is_current {
                 self.current.store(None);
-                self.lock_health().revoked = Some(e.clone());
+                let mut health = self.lock_health();
+                health.revoked = Some(e.clone());
+                if let Some(k) = key_id {
+                    health.revoked_key = Some(k.to_string());
+                }
             }
         } else if e.kind == ErrorKind::Transient {
             self.lock_health().failing_since.get_or_insert_with(Instant::now);
@@ -234,6 +241,16 @@ impl Keys {
         let envelope = Envelope::parse(ciphertext)?;
         if !self.backend.knows(key_id) {
             return Err(Error::UnknownKeyId);
+        }
+        {
+            // The backend itself may still answer (or a compatible server may not enforce key
+            // state); a root key the probe found revoked is not used until it recovers.
+            let health = self.lock_health();
+            if health.revoked_key.as_deref() == Some(key_id)
+                && let Some(e) = &health.revoked
+            {
+                return Err(Error::Backend(e.clone()));
+            }
         }
         let kek_ref = KekRef::new(key_id, wrapped_kek);
         let kek = self

@@ -1,0 +1,152 @@
+//! The PKCS#11 backend end to end: the built plugin against a real SoftHSM2 token.
+
+use std::time::Duration;
+
+use tonic::Code;
+
+use crate::common::softhsm::SoftHsm;
+use crate::common::*;
+use kms_plugin::proto::v2::StatusRequest;
+
+fn env(hsm: &SoftHsm) -> Vec<(&'static str, String)> {
+    hsm.env()
+}
+
+async fn start(config: &std::path::Path, hsm: &SoftHsm) -> Plugin {
+    let env = env(hsm);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Plugin::start_env(config, &env).await
+}
+
+#[tokio::test]
+async fn round_trip_restart_and_rotation_to_a_new_label() {
+    let dir = Dir::new();
+    let hsm = SoftHsm::new(&dir);
+    hsm.keygen("root-1");
+    let plugin = start(&hsm.config(&dir, "root-1", &[], &hsm.pin_file, ""), &hsm).await;
+    let mut c = plugin.client().await;
+    let st = status(&mut c).await;
+    assert!(st.key_id.starts_with("pkcs11:"), "{}", st.key_id);
+    let s1 = rand_bytes(32);
+    let e1 = encrypt(&mut c, &s1).await;
+    assert_contract(&e1, &st.key_id);
+    assert_eq!(decrypt(&mut c, &e1).await.unwrap(), s1);
+    plugin.stop().await;
+
+    // Restart: same key_id, old data decrypts through a real unwrap in the token.
+    let plugin = start(&hsm.config(&dir, "root-1", &[], &hsm.pin_file, ""), &hsm).await;
+    let mut c = plugin.client().await;
+    assert_eq!(status(&mut c).await.key_id, st.key_id);
+    assert_eq!(decrypt(&mut c, &e1).await.unwrap(), s1);
+    assert_eq!(plugin.backend_calls("unwrap"), 1);
+    plugin.stop().await;
+
+    // Rotation: a new key label is current, the old one decrypt-only.
+    hsm.keygen("root-2");
+    let plugin = start(&hsm.config(&dir, "root-2", &["root-1"], &hsm.pin_file, ""), &hsm).await;
+    let mut c = plugin.client().await;
+    let st2 = status(&mut c).await;
+    assert_ne!(st2.key_id, st.key_id);
+    assert_eq!(decrypt(&mut c, &e1).await.unwrap(), s1);
+    let s2 = rand_bytes(32);
+    let e2 = encrypt(&mut c, &s2).await;
+    assert_contract(&e2, &st2.key_id);
+    assert_eq!(decrypt(&mut c, &e2).await.unwrap(), s2);
+    // A wrapped KEK that was tampered with does not unwrap inside the token.
+    let mut bad = decrypt_request(&e1);
+    let (k, v) = bad
+        .annotations
+        .iter()
+        .next()
+        .map(|(k, v)| (k.clone(), v.to_vec()))
+        .unwrap();
+    let mut v = v;
+    v[20] ^= 1;
+    bad.annotations.insert(k, v.into());
+    assert_eq!(c.decrypt(bad).await.unwrap_err().code(), Code::DataLoss);
+    plugin.stop().await;
+}
+
+#[tokio::test]
+async fn missing_key_at_start_up_is_a_clear_error() {
+    let dir = Dir::new();
+    let hsm = SoftHsm::new(&dir);
+    hsm.keygen("root-1");
+    let config = hsm.config(&dir, "no-such-key", &[], &hsm.pin_file, "");
+    let env = env(&hsm);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut plugin = Plugin::spawn_env(&["serve", "--config", config.to_str().unwrap()], &dir.socket(), &env);
+    assert!(!plugin.wait_exit().await.success());
+    assert!(
+        plugin.logs().contains("no secret key labelled \"no-such-key\""),
+        "{}",
+        plugin.logs()
+    );
+    assert!(
+        !std::path::Path::new(&dir.socket()).exists(),
+        "must fail before binding"
+    );
+}
+
+#[tokio::test]
+async fn wrong_pin_is_reported_once_and_never_retried() {
+    let dir = Dir::new();
+    let hsm = SoftHsm::new(&dir);
+    hsm.keygen("root-1");
+    let wrong = dir.path("wrong-pin");
+    std::fs::write(&wrong, "000000\n").unwrap();
+    std::fs::set_permissions(&wrong, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let config = hsm.config(&dir, "root-1", &[], &wrong, "[probe]\ninterval = \"50ms\"");
+    let env = env(&hsm);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let plugin = Plugin::spawn_env(&["serve", "--config", config.to_str().unwrap()], &dir.socket(), &env);
+    // The plugin stays up (a supervisor restart loop would retry the PIN) and Status says why.
+    assert!(plugin.wait_log("serving KMS v2").await, "{}", plugin.logs());
+    let mut c = plugin.client().await;
+    let err = c.status(StatusRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // Many probe intervals later the token was still asked for the PIN only once.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        plugin.logs().matches("rejected the PIN; not retrying").count(),
+        1,
+        "{}",
+        plugin.logs()
+    );
+    assert_eq!(
+        c.status(StatusRequest {}).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    // `check` reports it and exits non-zero.
+    let out = hsm
+        .cmd(BIN)
+        .args(["check", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("PIN"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    plugin.stop().await;
+}
+
+#[tokio::test]
+async fn deleted_key_revokes_and_fails_status() {
+    let dir = Dir::new();
+    let hsm = SoftHsm::new(&dir);
+    hsm.keygen("root-1");
+    let config = hsm.config(&dir, "root-1", &[], &hsm.pin_file, "[probe]\ninterval = \"100ms\"");
+    let plugin = start(&config, &hsm).await;
+    let mut c = plugin.client().await;
+    let seed = rand_bytes(32);
+    let e = encrypt(&mut c, &seed).await;
+    hsm.delete("root-1");
+    assert!(plugin.wait_log("root key unusable").await, "{}", plugin.logs());
+    let err = c.status(StatusRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // Cached KEKs of the revoked key were purged: no decrypt under it any more.
+    assert_eq!(decrypt(&mut c, &e).await.unwrap_err().code(), Code::FailedPrecondition);
+    plugin.stop().await;
+}
