@@ -5,6 +5,7 @@ mod common;
 mod aws;
 mod bad_input;
 mod hierarchy;
+mod ops;
 mod pkcs11;
 mod protocol;
 mod socket;

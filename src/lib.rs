@@ -12,6 +12,7 @@ pub mod contract;
 pub mod error;
 pub mod keys;
 pub mod logging;
+pub mod ops;
 pub mod server;
 pub mod service;
 pub mod settings;
@@ -33,8 +34,9 @@ use tracing::{info, warn};
 
 use backend::Backend;
 use keys::Keys;
-use keys::rotation::Reason;
 use logging::KeyIdHash;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
 use settings::{BackendSettings, Settings};
 
 /// Why the plugin could not start or stopped with an error.
@@ -120,6 +122,12 @@ pub async fn build_backend(settings: &Settings) -> Result<Arc<dyn Backend>, Star
 /// Runs the plugin until `shutdown` resolves: makes the first local KEK, binds the socket,
 /// serves, then drains, removes the socket and drops (wipes) every key.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    if let Err(e) = ops::hygiene::harden() {
+        warn!(error = %e, "could not disable core dumps");
+    }
+    if settings.process.mlock {
+        ops::hygiene::lock_memory().map_err(|e| StartError::Backend(format!("process.mlock: mlockall failed: {e}")))?;
+    }
     let backend = build_backend(&settings).await?;
     let keys = Keys::new(
         backend,
@@ -129,9 +137,36 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     );
     // Make the first KEK before binding, so the apiserver's first Status is already healthy.
     // If the backend is down, start anyway: Status fails until the background task succeeds.
-    if let Err(e) = keys.rotate(Reason::First).await {
+    if let Err(e) = keys.check_and_rotate().await {
         warn!(error = %e, "could not make the first local KEK; Status fails until the backend answers");
     }
+    let mut registry = Registry::with_prefix("kms_plugin");
+    registry.register(
+        "build",
+        "Build information",
+        Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+    );
+    keys::metrics::register(&keys, &mut registry);
+    let service = service::KmsService::new(Arc::clone(&keys), settings.status.version);
+    service.register_metrics(&mut registry);
+    let http = match settings.metrics.enabled {
+        true => {
+            let listener = ops::http::bind(settings.metrics.address)
+                .await
+                .map_err(|e| StartError::Backend(format!("metrics.address {}: {e}", settings.metrics.address)))?;
+            let endpoint = Arc::new(ops::http::Endpoint {
+                registry,
+                keys: Arc::clone(&keys),
+            });
+            let bound = listener
+                .local_addr()
+                .map_err(|e| StartError::Backend(format!("metrics: {e}")))?;
+            info!(address = %bound, "serving /metrics, /livez, /readyz, /healthz");
+            Some(tokio::spawn(ops::http::serve(listener, endpoint)))
+        }
+        false => None,
+    };
+
     let address: server::socket::SocketAddress = settings.socket.path.parse().map_err(StartError::Address)?;
     let (listener, guard) = server::socket::bind(&address, settings.socket.mode, settings.socket.group.as_deref())?;
     let key_id = keys
@@ -148,10 +183,17 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
 
     let (stop_rotation, rotation_stopped) = tokio::sync::watch::channel(false);
     let rotation = tokio::spawn(Arc::clone(&keys).run_rotation(rotation_stopped));
-    let service = service::KmsService::new(Arc::clone(&keys), settings.status.version);
-    let result = server::serve(listener, service, settings.shutdown_grace, shutdown).await;
+    let peers = server::PeerPolicy {
+        uids: settings.socket.allowed_uids.clone(),
+        gids: settings.socket.allowed_gids.clone(),
+    };
+    let result = server::serve(listener, service, peers, settings.shutdown_grace, shutdown).await;
 
     let _ = stop_rotation.send(true);
+    if let Some(http) = http {
+        http.abort();
+        let _ = http.await;
+    }
     let _ = rotation.await;
     drop(guard);
     drop(keys);

@@ -34,9 +34,40 @@ pub struct Settings {
     /// How long in-flight calls may take to finish after SIGTERM.
     #[serde(default = "default_grace", deserialize_with = "duration")]
     pub shutdown_grace: Duration,
+    /// The loopback HTTP endpoint for metrics and health.
+    #[serde(default)]
+    pub metrics: MetricsSettings,
+    /// Process hardening.
+    #[serde(default)]
+    pub process: ProcessSettings,
     /// Benchmark-only knobs; never set them on a real control plane.
     #[serde(default)]
     pub bench: BenchSettings,
+}
+
+/// `/metrics`, `/livez`, `/readyz`, `/healthz` over plain HTTP on a loopback address.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    pub enabled: bool,
+    pub address: std::net::SocketAddr,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            address: std::net::SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+/// Process hardening beyond the defaults (core dumps are always disabled).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessSettings {
+    /// mlockall(): keep every page, keys included, out of swap. Needs CAP_IPC_LOCK.
+    pub mlock: bool,
 }
 
 /// Where and how the gRPC socket is created.
@@ -50,6 +81,10 @@ pub struct SocketSettings {
     pub mode: u32,
     /// Group (name or numeric gid) to own the socket, for a non-root apiserver.
     pub group: Option<String>,
+    /// If non-empty, only peers with one of these uids may connect (SO_PEERCRED).
+    pub allowed_uids: Vec<u32>,
+    /// If non-empty, only peers with one of these gids may connect (SO_PEERCRED).
+    pub allowed_gids: Vec<u32>,
 }
 
 impl Default for SocketSettings {
@@ -58,6 +93,8 @@ impl Default for SocketSettings {
             path: "/var/run/kmsplugin/kms.sock".into(),
             mode: 0o600,
             group: None,
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
         }
     }
 }

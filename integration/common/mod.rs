@@ -107,8 +107,10 @@ impl Plugin {
     pub fn spawn_env(args: &[&str], socket: &str, env: &[(&str, &str)]) -> Plugin {
         let mut child = Command::new(BIN)
             .args(args)
-            .envs(env.iter().copied())
+            // Many plugins run at once: each takes a free port for its HTTP endpoint.
+            .env("KMS_PLUGIN_METRICS__ADDRESS", "127.0.0.1:0")
             .env("RUST_LOG", "info,kms_plugin=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -176,6 +178,37 @@ impl Plugin {
             .iter()
             .filter(|l| l.contains("backend call") && l.contains(&needle))
             .count()
+    }
+
+    /// The address of the loopback HTTP endpoint, from the start-up log line.
+    pub async fn http_address(&self) -> String {
+        assert!(self.wait_log("serving /metrics").await, "{}", self.logs());
+        let logs = self.logs();
+        let line = logs.lines().find(|l| l.contains("serving /metrics")).unwrap();
+        line.split("address=")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    }
+
+    /// GET `path` from the HTTP endpoint: (status code, body).
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.http_address().await).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (code, body)
     }
 
     pub fn signal(&self, sig: &str) {

@@ -7,10 +7,10 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use lru::LruCache;
+use prometheus_client::metrics::counter::Counter;
 use ring::digest;
 use tokio::sync::watch;
 
@@ -53,13 +53,14 @@ struct Inner {
     inflight: HashMap<KekRef, watch::Receiver<Option<Outcome>>>,
 }
 
-/// Counters for metrics and tests; monotonic.
-#[derive(Default)]
+/// Counters for metrics and tests; monotonic. Clones share the value, so the same counters
+/// are registered with Prometheus.
+#[derive(Default, Clone)]
 pub struct CacheStats {
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
-    pub coalesced: AtomicU64,
-    pub evictions: AtomicU64,
+    pub hits: Counter,
+    pub misses: Counter,
+    pub coalesced: Counter,
+    pub evictions: Counter,
 }
 
 /// Bounded cache of unwrapped local KEKs with single-flight misses.
@@ -93,7 +94,7 @@ impl KekCache {
         if let Some((old, _)) = self.lock().lru.push(kek_ref, entry)
             && old != kek_ref
         {
-            self.stats.evictions.fetch_add(1, Relaxed);
+            self.stats.evictions.inc();
         }
     }
 
@@ -133,14 +134,14 @@ impl KekCache {
         let mut rx = {
             let mut inner = self.lock();
             if let Some(e) = inner.lru.get(&kek_ref) {
-                self.stats.hits.fetch_add(1, Relaxed);
+                self.stats.hits.inc();
                 return Ok(Arc::clone(&e.kek));
             }
             if let Some(rx) = inner.inflight.get(&kek_ref) {
-                self.stats.coalesced.fetch_add(1, Relaxed);
+                self.stats.coalesced.inc();
                 rx.clone()
             } else {
-                self.stats.misses.fetch_add(1, Relaxed);
+                self.stats.misses.inc();
                 let (tx, rx) = watch::channel(None);
                 inner.inflight.insert(kek_ref, rx.clone());
                 let cache = Arc::clone(self);
@@ -157,7 +158,7 @@ impl KekCache {
                                 kek: Arc::clone(kek),
                             };
                             if inner.lru.push(kek_ref, entry).is_some_and(|(old, _)| old != kek_ref) {
-                                cache.stats.evictions.fetch_add(1, Relaxed);
+                                cache.stats.evictions.inc();
                             }
                         }
                     }
@@ -176,7 +177,7 @@ impl KekCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
     use std::time::Duration;
 
     fn kek(b: u8) -> Kek {
@@ -206,8 +207,8 @@ mod tests {
             assert_eq!(t.await.unwrap().unwrap(), 9);
         }
         assert_eq!(calls.load(Relaxed), 1);
-        assert_eq!(cache.stats.misses.load(Relaxed), 1);
-        assert_eq!(cache.stats.coalesced.load(Relaxed) + cache.stats.hits.load(Relaxed), 31);
+        assert_eq!(cache.stats.misses.get(), 1);
+        assert_eq!(cache.stats.coalesced.get() + cache.stats.hits.get(), 31);
     }
 
     #[tokio::test]
@@ -234,7 +235,7 @@ mod tests {
             cache.insert(KekRef::new(id, &[i as u8]), id, Arc::new(kek(i as u8)));
         }
         assert_eq!(cache.len(), 2);
-        assert_eq!(cache.stats.evictions.load(Relaxed), 1);
+        assert_eq!(cache.stats.evictions.get(), 1);
         assert_eq!(cache.purge_key("a"), 1);
         assert_eq!(cache.len(), 1);
         // The evicted entry is fetched again; the kept one is a hit.

@@ -11,6 +11,7 @@
 pub mod aead;
 pub mod cache;
 pub mod envelope;
+pub mod metrics;
 pub mod rotation;
 mod secret;
 
@@ -80,6 +81,7 @@ pub struct Keys {
     rotations: AtomicU64,
     health: Mutex<Health>,
     max_outage: Duration,
+    metrics: metrics::KeyMetrics,
 }
 
 /// What the probes and calls have seen of the backend.
@@ -91,6 +93,8 @@ struct Health {
     revoked: Option<BackendError>,
     /// The key_id that failed, if known: nothing is unwrapped under it until a probe succeeds.
     revoked_key: Option<String>,
+    /// When a probe last succeeded.
+    last_ok: Option<Instant>,
 }
 
 fn is_permanent(e: &BackendError) -> bool {
@@ -115,6 +119,7 @@ impl Keys {
             rotations: AtomicU64::new(0),
             health: Mutex::new(Health::default()),
             max_outage,
+            metrics: metrics::KeyMetrics::new(),
         })
     }
 
@@ -146,9 +151,27 @@ impl Keys {
         self.current().ok_or(Error::NotReady)
     }
 
+    /// (revoked, failing): whether the current root key is revoked, and whether the backend is
+    /// in a transient outage.
+    pub fn health_flags(&self) -> (bool, bool) {
+        let h = self.lock_health();
+        (h.revoked.is_some(), h.failing_since.is_some())
+    }
+
+    /// Time since the last successful probe, if there was one.
+    pub fn since_last_probe_ok(&self) -> Option<Duration> {
+        self.lock_health().last_ok.map(|t| t.elapsed())
+    }
+
+    /// The probe interval (from the rotation policy).
+    pub fn probe_interval(&self) -> Duration {
+        self.policy.check_interval
+    }
+
     /// Records a successful probe: outages and revocations are over.
     fn note_backend_ok(&self) {
         let mut health = self.lock_health();
+        health.last_ok = Some(Instant::now());
         let was_revoked = health.revoked.take().is_some();
         health.revoked_key = None;
         let was_failing = health.failing_since.take().is_some();
@@ -257,7 +280,8 @@ impl Keys {
             .cache
             .get_or_fetch(kek_ref, key_id, || {
                 let (backend, key_id, blob) = (Arc::clone(&self.backend), key_id.to_owned(), wrapped_kek.clone());
-                async move { unwrap_logged(&*backend, &key_id, &blob).await }
+                let metrics = self.metrics.clone();
+                async move { unwrap_logged(&*backend, &metrics, &key_id, &blob).await }
             })
             .await
             .inspect_err(|e| self.note_backend_error(Some(key_id), e))?;
@@ -274,6 +298,7 @@ impl Keys {
         let kek = Kek::generate(&self.rng).map_err(|_| Error::Internal("random number generator failed"))?;
         let started = Instant::now();
         let wrapped = self.backend.wrap(&kek).await;
+        self.metrics.backend_call("wrap", &wrapped, started.elapsed());
         info!(
             backend = self.backend.name(),
             op = "wrap",
@@ -300,6 +325,12 @@ impl Keys {
             key_id: wrapped.key_id,
         })));
         self.rotations.fetch_add(1, Relaxed);
+        self.metrics
+            .rotations
+            .get_or_create(&metrics::Reason {
+                reason: reason.as_str(),
+            })
+            .inc();
         let cur = self.current().expect("just stored");
         let root_changed = previous.as_ref().is_some_and(|p| p.key_id != cur.key_id);
         info!(
@@ -339,10 +370,10 @@ impl Keys {
 
     /// One pass of the rotation task: probe the backend, rotate if anything is due.
     pub async fn check_and_rotate(&self) -> Result<(), Error> {
-        let root = self
-            .backend
-            .probe()
-            .await
+        let started = Instant::now();
+        let root = self.backend.probe().await;
+        self.metrics.backend_call("probe", &root, started.elapsed());
+        let root = root
             .inspect(|_| self.note_backend_ok())
             .inspect_err(|e| self.note_backend_error(None, e))?;
         let reason = match self.current() {
@@ -357,9 +388,15 @@ impl Keys {
     }
 }
 
-async fn unwrap_logged(backend: &dyn Backend, key_id: &str, blob: &[u8]) -> Result<Kek, BackendError> {
+async fn unwrap_logged(
+    backend: &dyn Backend,
+    metrics: &metrics::KeyMetrics,
+    key_id: &str,
+    blob: &[u8],
+) -> Result<Kek, BackendError> {
     let started = Instant::now();
     let result = backend.unwrap(key_id, blob).await;
+    metrics.backend_call("unwrap", &result, started.elapsed());
     info!(
         backend = backend.name(),
         op = "unwrap",

@@ -5,6 +5,7 @@ pub mod socket;
 use std::future::Future;
 use std::time::Duration;
 
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
 use tracing::{info, warn};
@@ -16,11 +17,42 @@ use crate::service::KmsService;
 /// Generous over the contract's limits (1 KiB ciphertext + 32 KiB annotations).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
+/// Which peers may connect, by SO_PEERCRED; empty lists allow everyone the socket's file
+/// permissions allow.
+#[derive(Debug, Clone, Default)]
+pub struct PeerPolicy {
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+}
+
+impl PeerPolicy {
+    fn allows(&self, stream: &tokio::net::UnixStream) -> bool {
+        if self.uids.is_empty() && self.gids.is_empty() {
+            return true;
+        }
+        match stream.peer_cred() {
+            Ok(cred) => {
+                let ok = (self.uids.is_empty() || self.uids.contains(&cred.uid()))
+                    && (self.gids.is_empty() || self.gids.contains(&cred.gid()));
+                if !ok {
+                    warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "connection refused by the peer allow-list");
+                }
+                ok
+            }
+            Err(e) => {
+                warn!(error = %e, "could not read peer credentials; connection refused");
+                false
+            }
+        }
+    }
+}
+
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight calls finish for up
 /// to `grace`, and returns. The caller owns the socket and removes it afterwards.
 pub async fn serve(
     listener: tokio::net::UnixListener,
     service: KmsService,
+    peers: PeerPolicy,
     grace: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
@@ -28,12 +60,16 @@ pub async fn serve(
     let grpc = KeyManagementServiceServer::new(service)
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_REQUEST_BYTES);
-    let server =
-        Server::builder()
-            .add_service(grpc)
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
-                let _ = stop_rx.await;
-            });
+    // Refused peers are dropped here, before any HTTP/2 or gRPC processing.
+    let incoming = UnixListenerStream::new(listener).filter(move |conn| match conn {
+        Ok(stream) => peers.allows(stream),
+        Err(_) => true,
+    });
+    let server = Server::builder()
+        .add_service(grpc)
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = stop_rx.await;
+        });
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => return result,

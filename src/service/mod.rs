@@ -8,7 +8,12 @@ mod status;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tonic::{Request, Response, Status};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tonic::{Code, Request, Response, Status};
 use tracing::{debug, warn};
 
 use crate::error::Error;
@@ -25,23 +30,108 @@ use crate::settings::ApiVersion;
 pub struct KmsService {
     keys: Arc<Keys>,
     version: ApiVersion,
+    metrics: GrpcMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodCode {
+    method: &'static str,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Method {
+    method: &'static str,
+}
+
+/// Request counts by method and code, and latency by method.
+#[derive(Clone)]
+struct GrpcMetrics {
+    requests: Family<MethodCode, Counter>,
+    seconds: Family<Method, Histogram, fn() -> Histogram>,
+}
+
+fn grpc_histogram() -> Histogram {
+    // 25 µs … 0.8 s
+    Histogram::new(exponential_buckets(0.000025, 2.0, 16))
+}
+
+/// The gRPC code's canonical name, as a bounded label.
+fn code_label(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::NotFound => "NotFound",
+        Code::DataLoss => "DataLoss",
+        Code::Unavailable => "Unavailable",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Internal => "Internal",
+        _ => "Other",
+    }
 }
 
 impl KmsService {
     pub fn new(keys: Arc<Keys>, version: ApiVersion) -> Self {
-        Self { keys, version }
+        Self {
+            keys,
+            version,
+            metrics: GrpcMetrics {
+                requests: Family::default(),
+                seconds: Family::new_with_constructor(grpc_histogram),
+            },
+        }
+    }
+
+    /// Registers the request metrics into `registry`.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "grpc_requests",
+            "KMS gRPC requests by method and code",
+            self.metrics.requests.clone(),
+        );
+        registry.register(
+            "grpc_request_duration_seconds",
+            "KMS gRPC request latency",
+            self.metrics.seconds.clone(),
+        );
+    }
+
+    /// One log line and the metrics per call: debug on success, warn on failure. Never
+    /// request or response bytes.
+    fn finish<T>(
+        &self,
+        method: &'static str,
+        uid: &str,
+        key_id: &str,
+        started: Instant,
+        result: Result<T, Error>,
+    ) -> Result<Response<T>, Status> {
+        let elapsed = started.elapsed();
+        let code = result.as_ref().err().map_or(Code::Ok, |e| e.code());
+        self.metrics
+            .requests
+            .get_or_create(&MethodCode {
+                method,
+                code: code_label(code),
+            })
+            .inc();
+        self.metrics
+            .seconds
+            .get_or_create(&Method { method })
+            .observe(elapsed.as_secs_f64());
+        log_outcome(method, uid, key_id, elapsed, result)
     }
 }
 
-/// One log line per call: debug on success, warn on failure. Never request or response bytes.
-fn finish<T>(
+fn log_outcome<T>(
     method: &'static str,
     uid: &str,
     key_id: &str,
-    started: Instant,
+    elapsed: std::time::Duration,
     result: Result<T, Error>,
 ) -> Result<Response<T>, Status> {
-    let elapsed_us = started.elapsed().as_micros() as u64;
+    let elapsed_us = elapsed.as_micros() as u64;
     match result {
         Ok(resp) => {
             debug!(method, uid = ?short_uid(uid), key_id_hash = %KeyIdHash(key_id), elapsed_us, "ok");
@@ -61,7 +151,7 @@ impl KeyManagementService for KmsService {
         let started = Instant::now();
         let result = status::handle(&self.keys, self.version);
         let key_id = result.as_ref().map(|r| r.key_id.clone()).unwrap_or_default();
-        finish("Status", "", &key_id, started, result)
+        self.finish("Status", "", &key_id, started, result)
     }
 
     async fn encrypt(&self, request: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
@@ -70,13 +160,13 @@ impl KeyManagementService for KmsService {
         let uid = request.uid.clone();
         let result = encrypt::handle(&self.keys, request).await;
         let key_id = result.as_ref().map(|r| r.key_id.clone()).unwrap_or_default();
-        finish("Encrypt", &uid, &key_id, started, result)
+        self.finish("Encrypt", &uid, &key_id, started, result)
     }
 
     async fn decrypt(&self, request: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
         let started = Instant::now();
         let request = request.into_inner();
         let result = decrypt::handle(&self.keys, &request).await;
-        finish("Decrypt", &request.uid, &request.key_id, started, result)
+        self.finish("Decrypt", &request.uid, &request.key_id, started, result)
     }
 }
