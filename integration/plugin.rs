@@ -4,6 +4,7 @@ mod common;
 
 mod aws;
 mod bad_input;
+mod bench_smoke;
 mod hierarchy;
 mod ops;
 mod pkcs11;
