@@ -5,6 +5,7 @@ mod common;
 mod aws;
 mod bad_input;
 mod bench_smoke;
+mod cli;
 mod hierarchy;
 mod ops;
 mod pkcs11;

@@ -66,6 +66,18 @@ impl LocalBackend {
         })
     }
 
+    /// Builds the backend from keys already in memory (tests, benchmarks, fuzzing).
+    pub fn from_keys(current: Kek, decrypt_only: Vec<Kek>) -> Self {
+        let current_id = key_id(&current);
+        let mut keys: HashMap<String, Kek> = decrypt_only.into_iter().map(|k| (key_id(&k), k)).collect();
+        keys.insert(current_id.clone(), current);
+        Self {
+            current: current_id,
+            keys,
+            rng: SystemRandom::new(),
+        }
+    }
+
     /// key_id of the current root key.
     pub fn current_key_id(&self) -> &str {
         &self.current

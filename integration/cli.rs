@@ -1,0 +1,84 @@
+//! The command line: keygen, check, status, and configuration errors, as an operator runs them.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use crate::common::*;
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = Command::new(BIN).args(args).envs(env.iter().copied()).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn keygen_writes_a_private_key_and_never_overwrites() {
+    let dir = Dir::new();
+    let path = dir.path("k.key");
+    let (ok, stdout, _) = run(&["keygen", "--out", path.to_str().unwrap()], &[]);
+    assert!(ok);
+    assert!(stdout.contains("key_id local:"), "{stdout}");
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!((meta.len(), meta.permissions().mode() & 0o777), (32, 0o600));
+    let before = std::fs::read(&path).unwrap();
+    let (ok, _, stderr) = run(&["keygen", "--out", path.to_str().unwrap()], &[]);
+    assert!(!ok && stderr.contains("exists"), "{stderr}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
+#[test]
+fn check_probes_the_backend_and_names_what_is_wrong() {
+    let dir = Dir::new();
+    let config = dir.config(&dir.socket(), "root.key", &[], "");
+    let (ok, stdout, stderr) = run(&["check", "--config", config.to_str().unwrap()], &[]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("wrap/unwrap round trip succeeded"), "{stdout}");
+
+    std::fs::set_permissions(dir.key("root.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, _, stderr) = run(&["check", "--config", config.to_str().unwrap()], &[]);
+    assert!(
+        !ok && stderr.contains("must not be readable by group or others"),
+        "{stderr}"
+    );
+
+    let bad = dir.write_config("[kek]\nmax_uses = \"many\"\n[backend]\ntype = \"local\"\ncurrent_key_file = \"/k\"\n");
+    let (ok, _, stderr) = run(&["check", "--config", bad.to_str().unwrap()], &[]);
+    assert!(!ok && stderr.contains("kek.max_uses"), "{stderr}");
+}
+
+#[tokio::test]
+async fn serve_refuses_a_bad_config_before_binding() {
+    let dir = Dir::new();
+    let config = dir.config(&dir.socket(), "root.key", &[], "unknown_setting = 1");
+    let (ok, _, stderr) = run(&["serve", "--config", config.to_str().unwrap()], &[]);
+    assert!(!ok && stderr.contains("unknown_setting"), "{stderr}");
+    assert!(!std::path::Path::new(&dir.socket()).exists());
+}
+
+#[tokio::test]
+async fn status_command_is_an_exec_probe() {
+    let dir = Dir::new();
+    let (ok, _, stderr) = run(&["status", "--socket", &dir.socket(), "--timeout", "1s"], &[]);
+    assert!(!ok, "no server: must fail");
+    assert!(stderr.contains("kms-plugin:"), "{stderr}");
+
+    // The socket comes from the environment, overriding the file.
+    let config = dir.config("/nonexistent/ignored.sock", "root.key", &[], "");
+    let socket = dir.socket();
+    let plugin = Plugin::spawn_env(
+        &["serve", "--config", config.to_str().unwrap()],
+        &socket,
+        &[("KMS_PLUGIN_SOCKET__PATH", &socket)],
+    );
+    plugin.wait_ready().await;
+    let (ok, stdout, stderr) = run(&["status", "--socket", &socket], &[]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("healthz=ok") && stdout.contains("version=v2"),
+        "{stdout}"
+    );
+    plugin.stop().await;
+}
