@@ -82,3 +82,24 @@ async fn status_command_is_an_exec_probe() {
     );
     plugin.stop().await;
 }
+
+#[test]
+fn every_example_config_parses() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/examples");
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            kms_plugin::settings::Settings::from_toml(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            seen.push(path.file_stem().unwrap().to_string_lossy().into_owned());
+        }
+    }
+    seen.sort();
+    for backend in ["aws", "pkcs11"] {
+        assert!(
+            seen.iter().any(|s| s == backend),
+            "deploy/examples/{backend}.toml missing; have {seen:?}"
+        );
+    }
+}
