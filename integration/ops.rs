@@ -154,3 +154,23 @@ async fn trace_logs_carry_no_secrets() {
         }
     }
 }
+
+#[tokio::test]
+async fn json_logs() {
+    let dir = Dir::new();
+    let plugin = Plugin::start(&dir.config(&dir.socket(), "root.key", &[], "[log]\nformat = \"json\"")).await;
+    let mut c = plugin.client().await;
+    encrypt(&mut c, &rand_bytes(32)).await;
+    let logs = plugin.logs();
+    plugin.stop().await;
+    for line in logs.lines() {
+        assert!(line.starts_with('{') && line.ends_with('}'), "not a JSON line: {line}");
+        assert!(line.contains("\"level\":") && line.contains("\"message\":"), "{line}");
+    }
+    // One line per call at debug, with the method and no payload.
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("\"message\":\"ok\"") && l.contains("\"method\":\"Encrypt\"")),
+        "{logs}"
+    );
+}
