@@ -403,8 +403,8 @@ impl Settings {
 
     fn validate(&self) -> Result<(), SettingsError> {
         let err = |s: &str| Err(SettingsError(s.to_string()));
-        if self.kek.max_uses == 0 {
-            return err("kek.max_uses must be at least 1");
+        if self.kek.max_uses == 0 || self.kek.max_uses > 1 << 30 {
+            return err("kek.max_uses must be 1..=2^30 (random 96-bit nonces: stay far below 2^32)");
         }
         if self.kek.max_age.is_zero() {
             return err("kek.max_age must be positive");

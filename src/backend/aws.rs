@@ -54,11 +54,9 @@ fn classify<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> ErrorKind {
             "DisabledException" | "KMSInvalidStateException" | "NotFoundException" | "InvalidKeyUsageException" => {
                 ErrorKind::KeyUnusable
             }
-            "AccessDeniedException"
-            | "UnrecognizedClientException"
-            | "InvalidSignatureException"
-            | "ExpiredTokenException"
-            | "IncompleteSignature" => ErrorKind::Denied,
+            "AccessDeniedException" | "UnrecognizedClientException" | "IncompleteSignature" => ErrorKind::Denied,
+            // Clock skew and expiring web-identity tokens fix themselves: not a revocation.
+            "InvalidSignatureException" | "ExpiredTokenException" => ErrorKind::Transient,
             "InvalidCiphertextException" | "IncorrectKeyException" => ErrorKind::BadWrappedKey,
             // Throttling, KMSInternalException, DependencyTimeoutException, KeyUnavailableException …
             _ => ErrorKind::Transient,
@@ -201,6 +199,11 @@ impl Backend for AwsBackend {
             key_id: arn,
             blob: blob.into_inner(),
         })
+    }
+
+    // AWS KMS ciphertext blobs are at most 6144 bytes.
+    fn max_wrapped_len(&self) -> usize {
+        6144
     }
 
     async fn unwrap(&self, key_id: &str, blob: &[u8]) -> Result<Kek, BackendError> {

@@ -41,6 +41,10 @@ impl Backend for Delayed {
         self.inner.wrap(kek).await
     }
 
+    fn max_wrapped_len(&self) -> usize {
+        self.inner.max_wrapped_len()
+    }
+
     async fn unwrap(&self, key_id: &str, blob: &[u8]) -> Result<Kek, BackendError> {
         tokio::time::sleep(self.latency).await;
         self.inner.unwrap(key_id, blob).await

@@ -167,6 +167,10 @@ impl Backend for LocalBackend {
         })
     }
 
+    fn max_wrapped_len(&self) -> usize {
+        crate::keys::aead::OVERHEAD + KEY_LEN
+    }
+
     async fn unwrap(&self, key_id: &str, blob: &[u8]) -> Result<Kek, BackendError> {
         let root = self
             .keys

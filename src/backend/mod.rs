@@ -72,4 +72,9 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Unwraps `blob` under the root key named `key_id`.
     async fn unwrap(&self, key_id: &str, blob: &[u8]) -> Result<Kek, BackendError>;
+
+    /// Longest wrapped KEK this backend produces; longer ones are refused before any call.
+    fn max_wrapped_len(&self) -> usize {
+        crate::contract::MAX_WRAPPED_KEK
+    }
 }

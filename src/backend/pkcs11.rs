@@ -4,9 +4,10 @@
 //! KEK is wrapped by C_Encrypt with CKM_AES_GCM (random 96-bit IV, AAD binding the key_id), so
 //! only `iv || ciphertext || tag` leaves the plugin.
 //!
-//! key_id = `pkcs11:` + 128 bits of SHA-256 over the token serial and label, the key label, and
-//! a check value (AES-GCM of a constant under the key): stable on every node sharing the
-//! partition, and different if the label is moved to another key.
+//! key_id = `pkcs11:` + 128 bits of SHA-256 over the token label, the key label, and a check
+//! value (AES-GCM of a constant under the key): stable on every node holding the key (HA group
+//! members included), and different if the label is moved to another key. A root key found
+//! again by label after a lost session must have the same check value, or it is refused.
 //!
 //! PKCS#11 calls block, so they run on tokio's blocking pool, one session each, from a pool
 //! bounded by `sessions`. A session that was closed or logged out is replaced (re-open,
@@ -63,6 +64,26 @@ pub struct Pkcs11Options {
 struct RootKey {
     label: String,
     handle: Mutex<Option<ObjectHandle>>,
+    /// The key's check value once known: a later lookup by label must find the same key.
+    kcv: Mutex<Option<Vec<u8>>>,
+}
+
+impl RootKey {
+    fn new(label: &str) -> Self {
+        Self {
+            label: label.to_string(),
+            handle: Mutex::new(None),
+            kcv: Mutex::new(None),
+        }
+    }
+}
+
+/// A key check value: AES-GCM under the key of a constant with a fixed IV. Deterministic per
+/// key, reveals nothing about it, and needs only the key's CKA_ENCRYPT permission.
+fn check_value(session: &Session, handle: ObjectHandle) -> Result<Vec<u8>, CkError> {
+    let mut iv = [0u8; IV_LEN];
+    let params = GcmParams::new(&mut iv, KCV_AAD, Ulong::from(128))?;
+    session.encrypt(&Mechanism::AesGcm(params), handle, &[0u8; 16])
 }
 
 /// Shared state used on the blocking pool.
@@ -72,6 +93,8 @@ struct Token {
     token_id: Vec<u8>,
     pin: AuthPin,
     pin_rejected: AtomicBool,
+    /// Serialises logins, so a bad PIN is presented to the token once, never in parallel.
+    login: Mutex<()>,
     idle: Mutex<Vec<Session>>,
 }
 
@@ -86,7 +109,7 @@ pub struct OpenError {
 /// A PKCS#11 token holding the root keys.
 pub struct Pkcs11Backend {
     token: Arc<Token>,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     current_label: String,
     /// key_id → key, for the current and decrypt-only labels. The current key_id can change
     /// when a probe finds another key under the current label.
@@ -147,7 +170,8 @@ impl Token {
         if let Some(s) = self.lock_idle().pop() {
             return Ok(s);
         }
-        if self.pin_rejected.load(Ordering::Relaxed) {
+        let _login = self.login.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.pin_rejected.load(Ordering::SeqCst) {
             return Err(BackendError::new(
                 ErrorKind::Denied,
                 "pkcs11: the token rejected the PIN earlier; not retrying (fix the PIN and restart)",
@@ -161,7 +185,7 @@ impl Token {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
             Err(e) => {
                 if classify(&e) == ErrorKind::Denied {
-                    self.pin_rejected.store(true, Ordering::Relaxed);
+                    self.pin_rejected.store(true, Ordering::SeqCst);
                 }
                 Err(err(&e, "login"))
             }
@@ -219,6 +243,18 @@ impl Token {
             .map_err(|e| err(&e, "find key"))?;
         match found.as_slice() {
             [h] => {
+                // After a lost session the label may name another key now: never use it under
+                // the old key's key_id.
+                let expected = key.kcv.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                if let Some(expected) = expected {
+                    let actual = check_value(session, *h).map_err(|e| err(&e, "key check value"))?;
+                    if actual != expected {
+                        return Err(BackendError::new(
+                            ErrorKind::KeyUnusable,
+                            format!("pkcs11: label {:?} now names a different key", key.label),
+                        ));
+                    }
+                }
                 *key.handle.lock().unwrap_or_else(PoisonError::into_inner) = Some(*h);
                 Ok(*h)
             }
@@ -237,13 +273,15 @@ impl Token {
         }
     }
 
-    /// The public identity of the key under `key.label`.
+    /// The public identity of the key under `key.label`; pins `key` to that key from now on.
     fn key_id(&self, key: &RootKey) -> Result<String, BackendError> {
-        let kcv = self.run(key, |s, h| {
-            let mut iv = [0u8; IV_LEN];
-            let params = GcmParams::new(&mut iv, KCV_AAD, Ulong::from(128))?;
-            s.encrypt(&Mechanism::AesGcm(params), h, &[0u8; 16])
-        })?;
+        let kcv = self.run(key, check_value)?;
+        key.kcv
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert_with(|| kcv.clone());
+        // Token label, key label and check value: the same on every node that holds the key,
+        // whatever the token's serial (HA group members differ there).
         let mut ctx = digest::Context::new(&digest::SHA256);
         ctx.update(KEY_ID_DOMAIN);
         ctx.update(&self.token_id);
@@ -258,7 +296,12 @@ fn read_pin(source: &PinSource) -> Result<AuthPin, String> {
     let pin = match source {
         PinSource::Env(var) => std::env::var(var).map_err(|_| format!("PIN environment variable {var} is not set"))?,
         PinSource::File(path) => {
-            let meta = std::fs::metadata(path).map_err(|e| format!("PIN file {}: {e}", path.display()))?;
+            use std::io::Read;
+            // One open: the mode checked is the mode of the file read.
+            let mut file = std::fs::File::open(path).map_err(|e| format!("PIN file {}: {e}", path.display()))?;
+            let meta = file
+                .metadata()
+                .map_err(|e| format!("PIN file {}: {e}", path.display()))?;
             if meta.mode() & 0o007 != 0 {
                 return Err(format!(
                     "PIN file {} is readable by others (mode {:o}); chmod o-rwx",
@@ -266,8 +309,9 @@ fn read_pin(source: &PinSource) -> Result<AuthPin, String> {
                     meta.mode() & 0o777
                 ));
             }
-            let text =
-                Zeroizing::new(std::fs::read_to_string(path).map_err(|e| format!("PIN file {}: {e}", path.display()))?);
+            let mut text = Zeroizing::new(String::new());
+            file.read_to_string(&mut text)
+                .map_err(|e| format!("PIN file {}: {e}", path.display()))?;
             text.trim_end_matches(['\n', '\r']).to_string()
         }
     };
@@ -295,7 +339,7 @@ impl Pkcs11Backend {
                 }
                 Ok(Self {
                     token,
-                    permits: Semaphore::new(opts.sessions.max(1)),
+                    permits: Arc::new(Semaphore::new(opts.sessions.max(1))),
                     current_label: opts.current_key_label.clone(),
                     keys: Mutex::new(keys),
                     current: Mutex::new(current),
@@ -317,10 +361,7 @@ impl Pkcs11Backend {
         for s in ctx.get_slots_with_token().map_err(|e| format!("listing slots: {e}"))? {
             let info = ctx.get_token_info(s).map_err(|e| format!("token info: {e}"))?;
             if info.label().trim_end() == opts.token_label {
-                slot = Some((
-                    s,
-                    format!("{}\0{}\0", info.serial_number().trim_end(), opts.token_label),
-                ));
+                slot = Some((s, format!("{}\0", opts.token_label)));
                 break;
             }
         }
@@ -331,16 +372,14 @@ impl Pkcs11Backend {
             token_id: token_id.into_bytes(),
             pin,
             pin_rejected: AtomicBool::new(false),
+            login: Mutex::new(()),
             idle: Mutex::new(Vec::new()),
         });
         let mut keys = HashMap::new();
         let mut current = String::new();
         let labels = std::iter::once(&opts.current_key_label).chain(&opts.decrypt_only_key_labels);
         for (i, label) in labels.enumerate() {
-            let key = Arc::new(RootKey {
-                label: label.clone(),
-                handle: Mutex::new(None),
-            });
+            let key = Arc::new(RootKey::new(label));
             let id = match token.key_id(&key) {
                 Ok(id) => id,
                 // Reported by `open` without a second attempt.
@@ -372,15 +411,18 @@ impl Pkcs11Backend {
         &self,
         f: impl FnOnce(&Token) -> Result<T, BackendError> + Send + 'static,
     ) -> Result<T, BackendError> {
-        let _permit = self
-            .permits
-            .acquire()
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
             .await
             .map_err(|_| BackendError::new(ErrorKind::Transient, "pkcs11 pool closed"))?;
         let token = Arc::clone(&self.token);
-        tokio::task::spawn_blocking(move || f(&token))
-            .await
-            .map_err(|_| BackendError::new(ErrorKind::Transient, "pkcs11 worker failed"))?
+        // The permit lives as long as the blocking call, even if the caller gives up.
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f(&token)
+        })
+        .await
+        .map_err(|_| BackendError::new(ErrorKind::Transient, "pkcs11 worker failed"))?
     }
 }
 
@@ -395,10 +437,7 @@ impl Backend for Pkcs11Backend {
     }
 
     async fn probe(&self) -> Result<String, BackendError> {
-        let key = Arc::new(RootKey {
-            label: self.current_label.clone(),
-            handle: Mutex::new(None),
-        });
+        let key = Arc::new(RootKey::new(&self.current_label));
         let probe_key = Arc::clone(&key);
         let id = self.blocking(move |t| t.key_id(&probe_key)).await?;
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
@@ -445,6 +484,10 @@ impl Backend for Pkcs11Backend {
             key_id,
             blob: [&iv[..], &ct].concat(),
         })
+    }
+
+    fn max_wrapped_len(&self) -> usize {
+        IV_LEN + KEY_LEN + TAG_LEN
     }
 
     async fn unwrap(&self, key_id: &str, blob: &[u8]) -> Result<Kek, BackendError> {

@@ -1,7 +1,8 @@
 //! AES-256-GCM with random 96-bit nonces, the one AEAD this plugin uses (ring).
 //!
 //! Sealed layout: `nonce (12) || ciphertext || tag (16)`. The key schedule is built per call so
-//! that no expanded key outlives the operation; only the zeroizing `Kek` is kept.
+//! that only the zeroizing `Kek` is kept between calls; ring does not wipe the expanded schedule
+//! it builds on the stack during the call (see SECURITY.md).
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};

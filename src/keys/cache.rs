@@ -51,6 +51,34 @@ struct Entry {
 struct Inner {
     lru: LruCache<KekRef, Entry>,
     inflight: HashMap<KekRef, watch::Receiver<Option<Outcome>>>,
+    /// Bumped by every purge: an unwrap that started before a purge must not insert after it.
+    epoch: u64,
+}
+
+/// Most distinct unwraps in flight at once; beyond it misses fail fast with Unavailable, so
+/// a flood of distinct (garbage) wrapped KEKs cannot queue unbounded backend calls. A cold
+/// start needs one per distinct local KEK, far fewer.
+pub const MAX_INFLIGHT: usize = 64;
+
+/// Removes the in-flight entry however the fetch task ends (even by panic), so waiters get an
+/// answer and a later request can try again.
+struct InflightGuard {
+    cache: Arc<KekCache>,
+    kek_ref: KekRef,
+    rx: watch::Receiver<Option<Outcome>>,
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        let mut inner = self.cache.lock();
+        if inner
+            .inflight
+            .get(&self.kek_ref)
+            .is_some_and(|rx| rx.same_channel(&self.rx))
+        {
+            inner.inflight.remove(&self.kek_ref);
+        }
+    }
 }
 
 /// Counters for metrics and tests; monotonic. Clones share the value, so the same counters
@@ -75,6 +103,7 @@ impl KekCache {
             inner: Mutex::new(Inner {
                 lru: LruCache::new(capacity),
                 inflight: HashMap::new(),
+                epoch: 0,
             }),
             stats: CacheStats::default(),
         })
@@ -120,6 +149,7 @@ impl KekCache {
         for r in &doomed {
             inner.lru.pop(r);
         }
+        inner.epoch += 1;
         doomed.len()
     }
 
@@ -141,18 +171,31 @@ impl KekCache {
                 self.stats.coalesced.inc();
                 rx.clone()
             } else {
+                if inner.inflight.len() >= MAX_INFLIGHT {
+                    return Err(BackendError::new(
+                        ErrorKind::Transient,
+                        "too many distinct unwraps in flight",
+                    ));
+                }
                 self.stats.misses.inc();
                 let (tx, rx) = watch::channel(None);
                 inner.inflight.insert(kek_ref, rx.clone());
-                let cache = Arc::clone(self);
+                let epoch = inner.epoch;
+                let guard = InflightGuard {
+                    cache: Arc::clone(self),
+                    kek_ref,
+                    rx: rx.clone(),
+                };
                 let key_id: Arc<str> = key_id.into();
                 let fut = fetch();
                 tokio::spawn(async move {
                     let outcome = fut.await.map(Arc::new);
                     {
+                        let cache = &guard.cache;
                         let mut inner = cache.lock();
-                        inner.inflight.remove(&kek_ref);
-                        if let Ok(kek) = &outcome {
+                        if let Ok(kek) = &outcome
+                            && inner.epoch == epoch
+                        {
                             let entry = Entry {
                                 key_id,
                                 kek: Arc::clone(kek),
@@ -162,6 +205,7 @@ impl KekCache {
                             }
                         }
                     }
+                    drop(guard);
                     let _ = tx.send(Some(outcome));
                 });
                 rx

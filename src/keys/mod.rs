@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod rotation;
 mod secret;
 
+use std::future::Future;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -180,6 +181,19 @@ impl Keys {
         }
     }
 
+    /// A failed unwrap on the request path. It may be the caller's bad input as much as a
+    /// revoked key, so it never revokes: a permanent error purges that key's cached KEKs and
+    /// asks the background task to probe now; only the probe decides revocation.
+    fn note_unwrap_error(&self, key_id: &str, e: &BackendError) {
+        if is_permanent(e) {
+            let purged = self.cache.purge_key(key_id);
+            warn!(error = %e, key_id_hash = %KeyIdHash(key_id), purged_keks = purged, "unwrap refused by the backend; probing now");
+            self.rotate_soon.notify_one();
+        } else if e.kind == ErrorKind::Transient {
+            self.lock_health().failing_since.get_or_insert_with(Instant::now);
+        }
+    }
+
     /// Records a backend failure concerning `key_id` (None: the current root key). A permanent
     /// failure purges that key's cached KEKs; for the current key it also retires the current
     /// KEK, so nothing more is sealed or opened under a revoked root key.
@@ -241,8 +255,17 @@ impl Keys {
             }
             Err(e) => return Err(e),
         };
-        if cur.uses.fetch_add(1, Relaxed) + 1 >= self.policy.max_uses {
+        let uses = cur.uses.fetch_add(1, Relaxed) + 1;
+        if uses >= self.policy.max_uses {
             self.rotate_soon.notify_one();
+            // Random 96-bit nonces stay safe far beyond max_uses, but if rotation keeps failing
+            // there is a hard stop rather than sealing forever under one KEK.
+            if uses >= self.policy.max_uses.saturating_mul(2) {
+                return Err(Error::Backend(BackendError::new(
+                    ErrorKind::Transient,
+                    "current local KEK is exhausted and rotation is failing",
+                )));
+            }
         }
         let ciphertext = envelope::seal(&cur.kek, &cur.key_id, &cur.kek_ref, plaintext, &self.rng)
             .map_err(|_| Error::Internal("random number generator failed"))?;
@@ -275,16 +298,22 @@ impl Keys {
                 return Err(Error::Backend(e.clone()));
             }
         }
+        if wrapped_kek.len() > self.backend.max_wrapped_len() {
+            return Err(Error::InvalidArgument(format!(
+                "wrapped KEK of {} bytes is longer than this backend makes",
+                wrapped_kek.len()
+            )));
+        }
         let kek_ref = KekRef::new(key_id, wrapped_kek);
         let kek = self
             .cache
             .get_or_fetch(kek_ref, key_id, || {
                 let (backend, key_id, blob) = (Arc::clone(&self.backend), key_id.to_owned(), wrapped_kek.clone());
                 let metrics = self.metrics.clone();
-                async move { unwrap_logged(&*backend, &metrics, &key_id, &blob).await }
+                async move { backend_call(&*backend, &metrics, "unwrap", &key_id, backend.unwrap(&key_id, &blob)).await }
             })
             .await
-            .inspect_err(|e| self.note_backend_error(Some(key_id), e))?;
+            .inspect_err(|e| self.note_unwrap_error(key_id, e))?;
         Ok(envelope.open(&kek, key_id, &kek_ref)?)
     }
 
@@ -296,17 +325,9 @@ impl Keys {
             return Ok(());
         }
         let kek = Kek::generate(&self.rng).map_err(|_| Error::Internal("random number generator failed"))?;
-        let started = Instant::now();
-        let wrapped = self.backend.wrap(&kek).await;
-        self.metrics.backend_call("wrap", &wrapped, started.elapsed());
-        info!(
-            backend = self.backend.name(),
-            op = "wrap",
-            ok = wrapped.is_ok(),
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "backend call"
-        );
-        let wrapped = wrapped.inspect_err(|e| self.note_backend_error(None, e))?;
+        let wrapped = backend_call(&*self.backend, &self.metrics, "wrap", "", self.backend.wrap(&kek))
+            .await
+            .inspect_err(|e| self.note_backend_error(None, e))?;
         // A KEK the apiserver would refuse must never become current.
         contract::check_key_id(&wrapped.key_id)
             .map_err(|why| BackendError::new(ErrorKind::KeyUnusable, format!("backend key_id unusable: {why}")))?;
@@ -316,14 +337,15 @@ impl Keys {
         let kek_ref = KekRef::new(&wrapped.key_id, &wrapped.blob);
         let kek = Arc::new(kek);
         self.cache.insert(kek_ref, &wrapped.key_id, Arc::clone(&kek));
-        let previous = self.current.swap(Some(Arc::new(CurrentKek {
+        let cur = Arc::new(CurrentKek {
             kek,
             kek_ref,
             wrapped: wrapped.blob.into(),
             created: Instant::now(),
             uses: AtomicU64::new(0),
             key_id: wrapped.key_id,
-        })));
+        });
+        let previous = self.current.swap(Some(Arc::clone(&cur)));
         self.rotations.fetch_add(1, Relaxed);
         self.metrics
             .rotations
@@ -331,7 +353,6 @@ impl Keys {
                 reason: reason.as_str(),
             })
             .inc();
-        let cur = self.current().expect("just stored");
         let root_changed = previous.as_ref().is_some_and(|p| p.key_id != cur.key_id);
         info!(
             reason = reason.as_str(),
@@ -370,12 +391,44 @@ impl Keys {
 
     /// One pass of the rotation task: probe the backend, rotate if anything is due.
     pub async fn check_and_rotate(&self) -> Result<(), Error> {
-        let started = Instant::now();
-        let root = self.backend.probe().await;
-        self.metrics.backend_call("probe", &root, started.elapsed());
-        let root = root
-            .inspect(|_| self.note_backend_ok())
+        let root = backend_call(&*self.backend, &self.metrics, "probe", "", self.backend.probe())
+            .await
             .inspect_err(|e| self.note_backend_error(None, e))?;
+        // The probe also proves the current KEK still unwraps: that exercises the permission
+        // Decrypt needs (a key can be described but no longer usable) and catches a root key
+        // that changed under the same name.
+        if let Some(cur) = self.current().filter(|c| c.key_id == root) {
+            let back = backend_call(
+                &*self.backend,
+                &self.metrics,
+                "verify",
+                &cur.key_id,
+                self.backend.unwrap(&cur.key_id, &cur.wrapped),
+            )
+            .await
+            .and_then(|k| {
+                if k.expose() == cur.kek.expose() {
+                    Ok(())
+                } else {
+                    Err(BackendError::new(
+                        ErrorKind::KeyUnusable,
+                        "current KEK unwraps to a different key",
+                    ))
+                }
+            });
+            if let Err(e) = back {
+                let e = match e.kind {
+                    // Our own wrapped KEK no longer unwrapping means the root key changed.
+                    ErrorKind::BadWrappedKey | ErrorKind::UnknownKey => {
+                        BackendError::new(ErrorKind::KeyUnusable, e.detail)
+                    }
+                    _ => e,
+                };
+                self.note_backend_error(None, &e);
+                return Err(e.into());
+            }
+        }
+        self.note_backend_ok();
         let reason = match self.current() {
             None => Some(Reason::First),
             Some(cur) if cur.key_id != root => Some(Reason::RootKeyChanged),
@@ -388,18 +441,31 @@ impl Keys {
     }
 }
 
-async fn unwrap_logged(
+/// Upper bound on any backend call, whatever the backend's own timeouts: a hung HSM or
+/// network must turn into a transient error, never a stalled task.
+pub const BACKEND_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs one backend call with the timeout, the metrics and one log line.
+async fn backend_call<T>(
     backend: &dyn Backend,
     metrics: &metrics::KeyMetrics,
+    op: &'static str,
     key_id: &str,
-    blob: &[u8],
-) -> Result<Kek, BackendError> {
+    call: impl Future<Output = Result<T, BackendError>>,
+) -> Result<T, BackendError> {
     let started = Instant::now();
-    let result = backend.unwrap(key_id, blob).await;
-    metrics.backend_call("unwrap", &result, started.elapsed());
+    let result = tokio::time::timeout(BACKEND_CALL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(BackendError::new(
+                ErrorKind::Transient,
+                format!("{op} timed out after {} s", BACKEND_CALL_TIMEOUT.as_secs()),
+            ))
+        });
+    metrics.backend_call(op, &result, started.elapsed());
     info!(
         backend = backend.name(),
-        op = "unwrap",
+        op,
         ok = result.is_ok(),
         key_id_hash = %KeyIdHash(key_id),
         elapsed_us = started.elapsed().as_micros() as u64,

@@ -30,7 +30,12 @@ pub struct Endpoint {
 /// Why the plugin is not ready, or None when it is.
 fn not_ready(keys: &Keys) -> Option<String> {
     if let Err(e) = keys.healthy_current() {
-        return Some(format!("status would fail: {e}"));
+        // The gRPC code and kind only: backend details (ARNs, labels) stay in the log.
+        let kind = match &e {
+            crate::error::Error::Backend(b) => format!("{:?}", b.kind),
+            _ => "no local KEK".to_string(),
+        };
+        return Some(format!("status would fail: {:?} ({kind})", e.code()));
     }
     let fresh = keys.probe_interval() * 3 + Duration::from_secs(5);
     match keys.since_last_probe_ok() {
@@ -81,8 +86,13 @@ pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(address).await
 }
 
+/// Most concurrent HTTP connections; more are closed at once, so scrapers (or anyone local)
+/// cannot use up the file descriptors the gRPC socket needs.
+const MAX_CONNECTIONS: usize = 32;
+
 /// Serves the endpoint until the task is dropped.
 pub async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
@@ -92,8 +102,13 @@ pub async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>) {
                 continue;
             }
         };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            debug!(%peer, "metrics endpoint busy; connection closed");
+            continue;
+        };
         let endpoint = Arc::clone(&endpoint);
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let resp = respond(&endpoint, req.uri().path());
                 async move { Ok::<_, std::convert::Infallible>(resp) }

@@ -5,8 +5,10 @@ pub mod socket;
 use std::future::Future;
 use std::time::Duration;
 
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::UnixListenerStream;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio_stream::Stream;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
@@ -47,6 +49,35 @@ impl PeerPolicy {
     }
 }
 
+/// The accepted connections: refused peers are dropped here, before any HTTP/2 or gRPC work,
+/// and an accept error (EMFILE …) pauses accepting for a moment instead of spinning.
+struct Incoming {
+    listener: tokio::net::UnixListener,
+    peers: PeerPolicy,
+    backoff: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Stream for Incoming {
+    type Item = std::io::Result<tokio::net::UnixStream>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some(sleep) = self.backoff.as_mut() {
+                ready!(sleep.as_mut().poll(cx));
+                self.backoff = None;
+            }
+            match ready!(self.listener.poll_accept(cx)) {
+                Ok((stream, _)) if self.peers.allows(&stream) => return Poll::Ready(Some(Ok(stream))),
+                Ok(_) => continue,
+                Err(e) => {
+                    warn!(error = %e, "accept failed; pausing 100 ms");
+                    self.backoff = Some(Box::pin(tokio::time::sleep(Duration::from_millis(100))));
+                }
+            }
+        }
+    }
+}
+
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight calls finish for up
 /// to `grace`, and returns. The caller owns the socket and removes it afterwards.
 pub async fn serve(
@@ -60,11 +91,11 @@ pub async fn serve(
     let grpc = KeyManagementServiceServer::new(service)
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_REQUEST_BYTES);
-    // Refused peers are dropped here, before any HTTP/2 or gRPC processing.
-    let incoming = UnixListenerStream::new(listener).filter(move |conn| match conn {
-        Ok(stream) => peers.allows(stream),
-        Err(_) => true,
-    });
+    let incoming = Incoming {
+        listener,
+        peers,
+        backoff: None,
+    };
     let server = Server::builder()
         .add_service(grpc)
         .serve_with_incoming_shutdown(incoming, async {

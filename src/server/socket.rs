@@ -9,7 +9,7 @@ use std::fmt;
 use std::fs::{self, DirBuilder};
 use std::io::{self, ErrorKind};
 use std::os::linux::net::SocketAddrExt;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -88,13 +88,18 @@ pub enum SocketError {
 }
 
 /// Removes the socket file when dropped (after the server has stopped).
-pub struct SocketGuard(SocketAddress);
+pub struct SocketGuard {
+    address: SocketAddress,
+    /// (device, inode) of the socket this process bound.
+    identity: Option<(u64, u64)>,
+}
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
-        if let SocketAddress::Path(p) = &self.0 {
-            // Only remove what is still a socket: never delete a file someone put in its place.
-            if fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket()) {
+        if let (SocketAddress::Path(p), Some(identity)) = (&self.address, self.identity) {
+            // Only remove the very socket we bound: never a file someone put in its place, nor
+            // the socket of a successor that started during our grace period.
+            if fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket() && (m.dev(), m.ino()) == identity) {
                 let _ = fs::remove_file(p);
             }
         }
@@ -112,6 +117,7 @@ pub fn bind(
         move |source| SocketError::Io { addr, what, source }
     };
     let gid = group.map(resolve_group).transpose()?;
+    let mut identity = None;
     let std_listener = match address {
         SocketAddress::Abstract(_) => UnixListener::bind_addr(&address.std_addr().map_err(io_err("address"))?)
             .map_err(|e| {
@@ -123,17 +129,32 @@ pub fn bind(
             })?,
         SocketAddress::Path(path) => {
             prepare_path(address, path)?;
-            let l = UnixListener::bind(path).map_err(io_err("bind"))?;
-            fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err("chmod"))?;
+            // The socket is created with its final mode (umask), so there is no window in which
+            // others could connect before a chmod; and nothing follows a symlink afterwards.
+            let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(!mode & 0o777));
+            let bound = UnixListener::bind(path);
+            rustix::process::umask(old);
+            let l = bound.map_err(io_err("bind"))?;
             if let Some(gid) = gid {
-                std::os::unix::fs::chown(path, None, Some(gid)).map_err(io_err("chown"))?;
+                std::os::unix::fs::lchown(path, None, Some(gid)).map_err(io_err("chown"))?;
             }
+            let meta = fs::symlink_metadata(path).map_err(io_err("stat"))?;
+            identity = Some((meta.dev(), meta.ino()));
             l
         }
     };
     std_listener.set_nonblocking(true).map_err(io_err("set_nonblocking"))?;
     let listener = tokio::net::UnixListener::from_std(std_listener).map_err(io_err("register"))?;
-    Ok((listener, SocketGuard(address.clone())))
+    if let SocketAddress::Abstract(_) = address {
+        tracing::warn!(socket = %address, "abstract sockets have no file permissions: any process in this network namespace can connect; set socket.allowed_uids");
+    }
+    Ok((
+        listener,
+        SocketGuard {
+            address: address.clone(),
+            identity,
+        },
+    ))
 }
 
 fn prepare_path(address: &SocketAddress, path: &Path) -> Result<(), SocketError> {
