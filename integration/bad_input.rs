@@ -159,6 +159,13 @@ async fn bad_decrypt_requests() {
             Code::DataLoss,
         ),
         (
+            "wrapped KEK longer than the backend makes",
+            with(&|r| {
+                r.annotations.insert(KEK_ANNOTATION.into(), vec![0u8; 61].into());
+            }),
+            Code::InvalidArgument,
+        ),
+        (
             "garbled short wrapped KEK",
             with(&|r| {
                 r.annotations
@@ -181,6 +188,6 @@ async fn bad_decrypt_requests() {
     assert_eq!(status(&mut c).await.healthz, "ok");
     assert_eq!(c.decrypt(good).await.unwrap().into_inner().plaintext.to_vec(), seed);
     let failures = plugin.logs().matches("failed").count();
-    assert!(failures >= 18, "each bad call logs a line; saw {failures}");
+    assert!(failures >= 19, "each bad call logs a line; saw {failures}");
     plugin.stop().await;
 }
