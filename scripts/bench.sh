@@ -21,10 +21,12 @@ COLD_KEKS=${COLD_KEKS:-8}
 STARTS=${STARTS:-20}
 
 cargo build --release --locked --bin kms-plugin --bin kms-bench >&2
-PLUGIN=$PWD/target/release/kms-plugin
-BENCH=$PWD/target/release/kms-bench
-
 TMP=$(mktemp -d /tmp/kms-bench.XXXXXX)
+# Run copies, so a rebuild during the run cannot swap the binaries under it.
+mkdir -p "$TMP/bin"
+cp "${CARGO_TARGET_DIR:-target}/release/kms-plugin" "${CARGO_TARGET_DIR:-target}/release/kms-bench" "$TMP/bin/"
+PLUGIN=$TMP/bin/kms-plugin
+BENCH=$TMP/bin/kms-bench
 OUT=${OUT:-$TMP/results.jsonl}
 : >"$OUT"
 PID=""
@@ -32,7 +34,7 @@ SAMPLER=""
 cleanup() {
   [ -n "$SAMPLER" ] && kill "$SAMPLER" 2>/dev/null || true
   if [ -n "$PID" ]; then kill -TERM "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; fi
-  rm -rf "$TMP/run" "$TMP"/*.key "$TMP"/*.toml "$TMP"/*.log "$TMP"/rss.* "$TMP/last.json"
+  rm -rf "$TMP/run" "$TMP/bin" "$TMP"/*.key "$TMP"/*.toml "$TMP"/*.log "$TMP"/rss.* "$TMP/last.json"
 }
 trap cleanup EXIT
 

@@ -107,6 +107,10 @@ pub struct Args {
     /// floor: response size in bytes (default: a gRPC-framed Decrypt response for 32 bytes).
     #[arg(long)]
     pub response_bytes: Option<usize>,
+    /// floor: worker threads of the echo server's runtime (0: one per core, like the plugin;
+    /// 1: a current-thread runtime).
+    #[arg(long, default_value_t = 0)]
+    pub echo_threads: usize,
     /// cold-start/startup: the plugin binary to spawn. It inherits this environment, so
     /// `KMS_PLUGIN_*` variables reach it (e.g. a free port for an HTTP endpoint).
     #[arg(long, default_value = "target/release/kms-plugin")]

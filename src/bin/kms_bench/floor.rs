@@ -58,12 +58,21 @@ fn io_code(e: std::io::Error) -> String {
 }
 
 /// Starts the echo server on its own threads; returns once it listens.
-fn start_echo(path: PathBuf, request_bytes: usize, response_bytes: usize) -> Result<(), String> {
+fn start_echo(path: PathBuf, threads: usize, request_bytes: usize, response_bytes: usize) -> Result<(), String> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("floor-echo".into())
         .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let mut builder = match threads {
+                1 => tokio::runtime::Builder::new_current_thread(),
+                0 => tokio::runtime::Builder::new_multi_thread(),
+                n => {
+                    let mut b = tokio::runtime::Builder::new_multi_thread();
+                    b.worker_threads(n);
+                    b
+                }
+            };
+            let runtime = match builder.enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     let _ = ready_tx.send(Err(format!("echo runtime: {e}")));
@@ -103,7 +112,7 @@ pub async fn run(args: &Args) -> Result<Report, String> {
     let response_bytes = args.response_bytes.unwrap_or(default_response).max(1);
     let dir = TempDir::new("floor")?;
     let path = dir.path().join("echo.sock");
-    start_echo(path.clone(), request_bytes, response_bytes)?;
+    start_echo(path.clone(), args.echo_threads, request_bytes, response_bytes)?;
     let mut workers = Vec::with_capacity(args.concurrency);
     for _ in 0..args.concurrency {
         let stream = UnixStream::connect(&path)
