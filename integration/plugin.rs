@@ -6,6 +6,7 @@ mod aws;
 mod bad_input;
 mod bench_smoke;
 mod cli;
+mod deploy;
 mod hierarchy;
 mod ops;
 mod pkcs11;
