@@ -320,7 +320,7 @@ fn probes_use_the_metrics_address() {
     for (probe, path) in [
         ("livenessProbe", "/livez"),
         ("readinessProbe", "/readyz"),
-        ("startupProbe", "/readyz"),
+        ("startupProbe", "/livez"),
     ] {
         let get = container.req(probe).req("httpGet");
         assert_eq!(get.req("path").str(), path, "{probe}.httpGet.path");

@@ -152,11 +152,26 @@ async fn check(config: Option<PathBuf>) -> Result<(), String> {
     Ok(())
 }
 
+/// "outer: inner: root cause", so "transport error" says what actually failed.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}
+
 async fn status(socket: &str, timeout: Duration) -> Result<(), String> {
     let address = socket.parse().map_err(|e| format!("--socket: {e}"))?;
     let mut client = client::connect(&address, timeout)
         .await
-        .map_err(|e| format!("connect {socket}: {e}"))?;
+        .map_err(|e| format!("connect {socket}: {}", error_chain(&e)))?;
     let reply = client
         .status(kms_plugin::proto::v2::StatusRequest {})
         .await

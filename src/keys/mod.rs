@@ -310,7 +310,16 @@ impl Keys {
             .get_or_fetch(kek_ref, key_id, || {
                 let (backend, key_id, blob) = (Arc::clone(&self.backend), key_id.to_owned(), wrapped_kek.clone());
                 let metrics = self.metrics.clone();
-                async move { backend_call(&*backend, &metrics, "unwrap", &key_id, backend.unwrap(&key_id, &blob)).await }
+                async move {
+                    backend_call(
+                        &*backend,
+                        &metrics,
+                        "unwrap",
+                        Some(&key_id),
+                        backend.unwrap(&key_id, &blob),
+                    )
+                    .await
+                }
             })
             .await
             .inspect_err(|e| self.note_unwrap_error(key_id, e))?;
@@ -325,7 +334,7 @@ impl Keys {
             return Ok(());
         }
         let kek = Kek::generate(&self.rng).map_err(|_| Error::Internal("random number generator failed"))?;
-        let wrapped = backend_call(&*self.backend, &self.metrics, "wrap", "", self.backend.wrap(&kek))
+        let wrapped = backend_call(&*self.backend, &self.metrics, "wrap", None, self.backend.wrap(&kek))
             .await
             .inspect_err(|e| self.note_backend_error(None, e))?;
         // A KEK the apiserver would refuse must never become current.
@@ -391,7 +400,7 @@ impl Keys {
 
     /// One pass of the rotation task: probe the backend, rotate if anything is due.
     pub async fn check_and_rotate(&self) -> Result<(), Error> {
-        let root = backend_call(&*self.backend, &self.metrics, "probe", "", self.backend.probe())
+        let root = backend_call(&*self.backend, &self.metrics, "probe", None, self.backend.probe())
             .await
             .inspect_err(|e| self.note_backend_error(None, e))?;
         // The probe also proves the current KEK still unwraps: that exercises the permission
@@ -402,7 +411,7 @@ impl Keys {
                 &*self.backend,
                 &self.metrics,
                 "verify",
-                &cur.key_id,
+                Some(&cur.key_id),
                 self.backend.unwrap(&cur.key_id, &cur.wrapped),
             )
             .await
@@ -450,7 +459,7 @@ async fn backend_call<T>(
     backend: &dyn Backend,
     metrics: &metrics::KeyMetrics,
     op: &'static str,
-    key_id: &str,
+    key_id: Option<&str>,
     call: impl Future<Output = Result<T, BackendError>>,
 ) -> Result<T, BackendError> {
     let started = Instant::now();
@@ -467,7 +476,7 @@ async fn backend_call<T>(
         backend = backend.name(),
         op,
         ok = result.is_ok(),
-        key_id_hash = %KeyIdHash(key_id),
+        key_id_hash = %key_id.map_or_else(|| "-".to_string(), |k| KeyIdHash(k).to_string()),
         elapsed_us = started.elapsed().as_micros() as u64,
         "backend call"
     );
