@@ -85,6 +85,9 @@ pub struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// A free-form tag copied into the report (e.g. how the run was placed on CPUs).
+    #[arg(long)]
+    pub label: Option<String>,
     /// Worker threads of the load generator's runtime (0: one per core).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
@@ -157,7 +160,10 @@ fn main() -> ExitCode {
         }
     });
     match result {
-        Ok(report) => {
+        Ok(mut report) => {
+            if let Some(label) = &args.label {
+                report = report.extra("label", report::Extra::Text(label.clone()));
+            }
             if args.json {
                 println!("{}", report.json());
             } else {
