@@ -2,7 +2,6 @@
 
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::time::Duration;
 
 use crate::common::*;
 
@@ -104,11 +103,11 @@ async fn sigterm_drains_in_flight_calls_then_removes_the_socket() {
     writer.stop().await;
 
     // A slow backend keeps a cold Decrypt in flight while SIGTERM arrives.
-    let extra = "shutdown_grace = \"10s\"\n[bench]\nbackend_latency = \"1s\"";
+    let extra = "shutdown_grace = \"10s\"\n[bench]\nbackend_latency = \"2s\"";
     let mut plugin = Plugin::start(&dir.config(&dir.socket(), "root.key", &[], extra)).await;
     let mut c = plugin.client().await;
     let call = tokio::spawn(async move { decrypt(&mut c, &e).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    plugin.wait_unwrap_in_flight().await;
     plugin.signal("TERM");
     let plaintext = call.await.unwrap().expect("in-flight call must complete");
     assert_eq!(plaintext, seed);
@@ -124,11 +123,11 @@ async fn sigint_stops_cleanly_and_grace_bounds_shutdown() {
     writer.stop().await;
 
     // A call slower than the grace period is cut off; the process still exits 0.
-    let extra = "shutdown_grace = \"200ms\"\n[bench]\nbackend_latency = \"5s\"";
+    let extra = "shutdown_grace = \"200ms\"\n[bench]\nbackend_latency = \"3s\"";
     let mut plugin = Plugin::start(&dir.config(&dir.socket(), "root.key", &[], extra)).await;
     let mut c = plugin.client().await;
     let call = tokio::spawn(async move { decrypt(&mut c, &e).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    plugin.wait_unwrap_in_flight().await;
     plugin.signal("INT");
     assert!(plugin.wait_exit().await.success(), "{}", plugin.logs());
     assert!(call.await.unwrap().is_err());

@@ -156,7 +156,7 @@ impl Plugin {
         }
     }
 
-    async fn try_client(&self) -> Result<Client, tonic::transport::Error> {
+    pub async fn try_client(&self) -> Result<Client, tonic::transport::Error> {
         let addr: SocketAddress = self.socket.parse().unwrap();
         client::connect(&addr, Duration::from_secs(10)).await
     }
@@ -209,6 +209,20 @@ impl Plugin {
             .map(|(_, b)| b.to_string())
             .unwrap_or_default();
         (code, body)
+    }
+
+    /// Waits until the plugin has started a backend unwrap for a Decrypt (a cache miss), so a
+    /// signal sent next finds a call in flight.
+    pub async fn wait_unwrap_in_flight(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, metrics) = self.http_get("/metrics").await;
+            if metrics.contains("kms_plugin_kek_cache_misses_total 1") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no unwrap started; logs:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     pub fn signal(&self, sig: &str) {
