@@ -22,7 +22,10 @@ fn service(c: &mut Criterion) {
     let key = dir.path().join("root.key");
     generate_key_file(&key).unwrap();
     let backend = Arc::new(LocalBackend::open(&key, &[]).unwrap());
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // One worker runs the KEK rotation task, as in the plugin: millions of Encrypts in a run
+    // pass max_uses, and without rotation the plugin would (rightly) stop sealing.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
@@ -33,6 +36,8 @@ fn service(c: &mut Criterion) {
         Duration::from_secs(3600),
     );
     rt.block_on(keys.rotate(Reason::First)).unwrap();
+    let (_stop_rotation, stopped) = tokio::sync::watch::channel(false);
+    rt.spawn(Arc::clone(&keys).run_rotation(stopped));
     let svc = KmsService::new(keys, ApiVersion::V2);
 
     let seed = bytes::Bytes::from(vec![42u8; 32]);
