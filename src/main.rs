@@ -59,8 +59,8 @@ fn main() -> ExitCode {
             .map(|key_id| println!("wrote {} (key_id {key_id})", out.display()))
             .map_err(|e| e.to_string()),
         Command::Serve { config, socket, dev } => serve(config, socket, dev),
-        Command::Check { config } => runtime().block_on(check(config)),
-        Command::Status { socket, timeout } => runtime().block_on(status(&socket, timeout)),
+        Command::Check { config } => runtime(1).block_on(check(config)),
+        Command::Status { socket, timeout } => runtime(1).block_on(status(&socket, timeout)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -71,8 +71,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+fn runtime(workers: usize) -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers.max(1))
         .enable_all()
         .build()
         .expect("tokio runtime")
@@ -114,7 +115,7 @@ fn serve(config: Option<PathBuf>, socket: Option<String>, dev: Option<PathBuf>) 
         settings.socket.path = socket;
     }
     logging::init(&settings.log.level, settings.log.format);
-    runtime()
+    runtime(settings.process.worker_threads)
         .block_on(kms_plugin::run(settings, shutdown_signal()))
         .map_err(|e| e.to_string())
 }

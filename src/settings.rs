@@ -62,12 +62,25 @@ impl Default for MetricsSettings {
     }
 }
 
-/// Process hardening beyond the defaults (core dumps are always disabled).
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The process: hardening beyond the defaults (core dumps are always disabled) and threads.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProcessSettings {
     /// mlockall(): keep every page, keys included, out of swap. Needs CAP_IPC_LOCK.
     pub mlock: bool,
+    /// Async worker threads. One is the fastest measured (BENCHMARKS.md): the work per call is
+    /// tiny and a second worker mostly adds contention on HTTP/2 connection state. PKCS#11
+    /// calls run on a separate blocking pool either way.
+    pub worker_threads: usize,
+}
+
+impl Default for ProcessSettings {
+    fn default() -> Self {
+        Self {
+            mlock: false,
+            worker_threads: 1,
+        }
+    }
 }
 
 /// Where and how the gRPC socket is created.
