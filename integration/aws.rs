@@ -10,7 +10,6 @@ use kms_plugin::proto::v2::StatusRequest;
 
 async fn start(config: &std::path::Path) -> Plugin {
     let env = Moto::env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     Plugin::start_env(config, &env).await
 }
 

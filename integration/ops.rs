@@ -54,7 +54,6 @@ async fn readyz_fails_while_the_root_key_is_revoked() {
     let hsm = crate::common::softhsm::SoftHsm::new(&dir);
     hsm.keygen("root-1");
     let env = hsm.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let config = hsm.config(&dir, "root-1", &[], &hsm.pin_file, "[probe]\ninterval = \"100ms\"");
     let plugin = Plugin::start_env(&config, &env).await;
     assert_eq!(plugin.http_get("/readyz").await.0, 200);

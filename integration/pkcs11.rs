@@ -8,13 +8,8 @@ use crate::common::softhsm::SoftHsm;
 use crate::common::*;
 use kms_plugin::proto::v2::StatusRequest;
 
-fn env(hsm: &SoftHsm) -> Vec<(&'static str, String)> {
-    hsm.env()
-}
-
 async fn start(config: &std::path::Path, hsm: &SoftHsm) -> Plugin {
-    let env = env(hsm);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let env = hsm.env();
     Plugin::start_env(config, &env).await
 }
 
@@ -73,8 +68,7 @@ async fn missing_key_at_start_up_is_a_clear_error() {
     let hsm = SoftHsm::new(&dir);
     hsm.keygen("root-1");
     let config = hsm.config(&dir, "no-such-key", &[], &hsm.pin_file, "");
-    let env = env(&hsm);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let env = hsm.env();
     let mut plugin = Plugin::spawn_env(&["serve", "--config", config.to_str().unwrap()], &dir.socket(), &env);
     assert!(!plugin.wait_exit().await.success());
     assert!(
@@ -97,8 +91,7 @@ async fn wrong_pin_is_reported_once_and_never_retried() {
     std::fs::write(&wrong, "000000\n").unwrap();
     std::fs::set_permissions(&wrong, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let config = hsm.config(&dir, "root-1", &[], &wrong, "[probe]\ninterval = \"50ms\"");
-    let env = env(&hsm);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let env = hsm.env();
     let plugin = Plugin::spawn_env(&["serve", "--config", config.to_str().unwrap()], &dir.socket(), &env);
     // The plugin stays up (a supervisor restart loop would retry the PIN) and Status says why.
     assert!(plugin.wait_log("serving KMS v2").await, "{}", plugin.logs());

@@ -82,11 +82,11 @@ pub struct Plugin {
 impl Plugin {
     /// Starts `kms-plugin serve --config <config>` and waits until Status answers.
     pub async fn start(config: &Path) -> Plugin {
-        Self::start_env(config, &[]).await
+        Self::start_env::<&str>(config, &[]).await
     }
 
     /// Like [`Plugin::start`], with extra environment variables.
-    pub async fn start_env(config: &Path, env: &[(&str, &str)]) -> Plugin {
+    pub async fn start_env<V: AsRef<std::ffi::OsStr>>(config: &Path, env: &[(&str, V)]) -> Plugin {
         let text = std::fs::read_to_string(config).unwrap();
         let socket = text
             .lines()
@@ -100,17 +100,17 @@ impl Plugin {
 
     /// Spawns the binary with `args`, capturing stderr; does not wait.
     pub fn spawn(args: &[&str], socket: &str) -> Plugin {
-        Self::spawn_env(args, socket, &[])
+        Self::spawn_env::<&str>(args, socket, &[])
     }
 
     /// Spawns the binary with `args` and extra environment variables.
-    pub fn spawn_env(args: &[&str], socket: &str, env: &[(&str, &str)]) -> Plugin {
+    pub fn spawn_env<V: AsRef<std::ffi::OsStr>>(args: &[&str], socket: &str, env: &[(&str, V)]) -> Plugin {
         let mut child = Command::new(BIN)
             .args(args)
             // Many plugins run at once: each takes a free port for its HTTP endpoint.
             .env("KMS_PLUGIN_METRICS__ADDRESS", "127.0.0.1:0")
             .env("RUST_LOG", "info,kms_plugin=debug")
-            .envs(env.iter().copied())
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
