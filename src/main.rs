@@ -109,10 +109,7 @@ fn serve(config: Option<PathBuf>, socket: Option<String>, dev: Option<PathBuf>) 
         None => load(config.as_deref())?,
     };
     if let Some(socket) = socket {
-        socket
-            .parse::<server::socket::SocketAddress>()
-            .map_err(|e| format!("--socket: {e}"))?;
-        settings.socket.path = socket;
+        settings.socket.path = socket_arg(&socket)?.to_string();
     }
     logging::init(&settings.log.level, settings.log.format);
     runtime(settings.process.worker_threads)
@@ -168,8 +165,22 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// A socket given on the command line: relative paths are taken from the current directory.
+fn socket_arg(socket: &str) -> Result<server::socket::SocketAddress, String> {
+    let path = std::path::Path::new(socket);
+    let text = if socket.starts_with('@') || socket.starts_with("unix://") || path.is_absolute() {
+        socket.to_string()
+    } else {
+        std::path::absolute(path)
+            .map_err(|e| format!("--socket: {e}"))?
+            .display()
+            .to_string()
+    };
+    text.parse().map_err(|e| format!("--socket: {e}"))
+}
+
 async fn status(socket: &str, timeout: Duration) -> Result<(), String> {
-    let address = socket.parse().map_err(|e| format!("--socket: {e}"))?;
+    let address = socket_arg(socket)?;
     let mut client = client::connect(&address, timeout)
         .await
         .map_err(|e| format!("connect {socket}: {}", error_chain(&e)))?;
