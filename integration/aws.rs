@@ -67,7 +67,7 @@ async fn round_trip_and_alias_rotation() {
     let mut c = plugin.client().await;
     assert_eq!(decrypt(&mut c, &e1).await.unwrap(), s1);
     assert_eq!(decrypt(&mut c, &e2).await.unwrap(), s2);
-    assert_eq!(plugin.backend_calls("unwrap"), 2);
+    assert_eq!(plugin.backend_calls("unwrap").await, 2);
     plugin.stop().await;
     let plugin = start(&moto.config(&dir, "alias/kms-plugin", &[], "")).await;
     let mut c = plugin.client().await;

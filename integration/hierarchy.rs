@@ -37,7 +37,7 @@ async fn local_kek_rotates_by_uses_without_changing_key_id() {
     assert_eq!(status(&mut c).await.key_id, key_id);
     assert_eq!(decrypt(&mut c, &e1).await.unwrap(), s1);
     assert_eq!(decrypt(&mut c, &e2).await.unwrap(), s2);
-    assert!(plugin.logs().contains("reason=\"uses\""), "{}", plugin.logs());
+    assert!(plugin.wait_log("reason=\"uses\"").await, "{}", plugin.logs());
     plugin.stop().await;
 }
 
@@ -53,7 +53,7 @@ async fn local_kek_rotates_by_age() {
     assert_eq!(e1.key_id, e2.key_id);
     assert_eq!(decrypt(&mut c, &e1).await.unwrap(), s1);
     assert_eq!(decrypt(&mut c, &e2).await.unwrap(), s2);
-    assert!(plugin.logs().contains("reason=\"age\""));
+    assert!(plugin.wait_log("reason=\"age\"").await);
     plugin.stop().await;
 }
 
@@ -107,7 +107,7 @@ async fn concurrent_cold_decrypts_share_one_unwrap() {
     // A fresh process has never seen that KEK; a slow backend makes the 64 misses overlap.
     let reader =
         Plugin::start(&dir.config(&dir.socket(), "root.key", &[], "[bench]\nbackend_latency = \"300ms\"")).await;
-    assert_eq!(reader.backend_calls("unwrap"), 0);
+    assert_eq!(reader.backend_calls("unwrap").await, 0);
     let mut tasks = Vec::new();
     for (e, seed) in sealed {
         let mut c = reader.client().await;
@@ -118,6 +118,6 @@ async fn concurrent_cold_decrypts_share_one_unwrap() {
     for t in tasks {
         assert!(matches!(t.await.unwrap(), Ok(true)));
     }
-    assert_eq!(reader.backend_calls("unwrap"), 1, "logs:\n{}", reader.logs());
+    assert_eq!(reader.backend_calls("unwrap").await, 1, "logs:\n{}", reader.logs());
     reader.stop().await;
 }

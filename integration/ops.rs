@@ -161,6 +161,7 @@ async fn json_logs() {
     let plugin = Plugin::start(&dir.config(&dir.socket(), "root.key", &[], "[log]\nformat = \"json\"")).await;
     let mut c = plugin.client().await;
     encrypt(&mut c, &rand_bytes(32)).await;
+    assert!(plugin.wait_log("\"method\":\"Encrypt\"").await, "{}", plugin.logs());
     let logs = plugin.logs();
     plugin.stop().await;
     for line in logs.lines() {

@@ -33,7 +33,7 @@ async fn round_trip_restart_and_rotation_to_a_new_label() {
     let mut c = plugin.client().await;
     assert_eq!(status(&mut c).await.key_id, st.key_id);
     assert_eq!(decrypt(&mut c, &e1).await.unwrap(), s1);
-    assert_eq!(plugin.backend_calls("unwrap"), 1);
+    assert_eq!(plugin.backend_calls("unwrap").await, 1);
     plugin.stop().await;
 
     // Rotation: a new key label is current, the old one decrypt-only.
@@ -72,7 +72,7 @@ async fn missing_key_at_start_up_is_a_clear_error() {
     let mut plugin = Plugin::spawn_env(&["serve", "--config", config.to_str().unwrap()], &dir.socket(), &env);
     assert!(!plugin.wait_exit().await.success());
     assert!(
-        plugin.logs().contains("no secret key labelled \"no-such-key\""),
+        plugin.wait_log("no secret key labelled \"no-such-key\"").await,
         "{}",
         plugin.logs()
     );

@@ -47,7 +47,7 @@ async fn replaces_a_stale_socket() {
     assert!(fs::symlink_metadata(&socket).unwrap().file_type().is_socket());
     let plugin = Plugin::start(&dir.config(&socket, "root.key", &[], "")).await;
     assert_eq!(status(&mut plugin.client().await).await.healthz, "ok");
-    assert!(plugin.logs().contains("stale socket"));
+    assert!(plugin.wait_log("stale socket").await);
     plugin.stop().await;
 }
 
@@ -59,7 +59,7 @@ async fn refuses_a_live_socket() {
     let mut second = Plugin::spawn(&["serve", "--config", config.to_str().unwrap()], &dir.socket());
     let exit = second.wait_exit().await;
     assert!(!exit.success());
-    assert!(second.logs().contains("already listening"), "{}", second.logs());
+    assert!(second.wait_log("already listening").await, "{}", second.logs());
     // The first server is untouched and still answers on its socket.
     assert_eq!(status(&mut first.client().await).await.healthz, "ok");
     first.stop().await;
@@ -73,7 +73,7 @@ async fn refuses_a_path_that_is_not_a_socket() {
     let config = dir.config(&dir.socket(), "root.key", &[], "");
     let mut plugin = Plugin::spawn(&["serve", "--config", config.to_str().unwrap()], &dir.socket());
     assert!(!plugin.wait_exit().await.success());
-    assert!(plugin.logs().contains("not a socket"), "{}", plugin.logs());
+    assert!(plugin.wait_log("not a socket").await, "{}", plugin.logs());
     assert_eq!(fs::read(dir.socket()).unwrap(), b"precious");
 }
 
@@ -90,7 +90,7 @@ async fn serves_an_abstract_socket() {
     let config = dir.config(&name, "root.key", &[], "");
     let mut second = Plugin::spawn(&["serve", "--config", config.to_str().unwrap()], &name);
     assert!(!second.wait_exit().await.success());
-    assert!(second.logs().contains("already listening"), "{}", second.logs());
+    assert!(second.wait_log("already listening").await, "{}", second.logs());
     plugin.stop().await;
 }
 
@@ -131,6 +131,6 @@ async fn sigint_stops_cleanly_and_grace_bounds_shutdown() {
     plugin.signal("INT");
     assert!(plugin.wait_exit().await.success(), "{}", plugin.logs());
     assert!(call.await.unwrap().is_err());
-    assert!(plugin.logs().contains("grace period elapsed"));
+    assert!(plugin.wait_log("grace period elapsed").await);
     assert!(!std::path::Path::new(&dir.socket()).exists());
 }

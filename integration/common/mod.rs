@@ -169,15 +169,17 @@ impl Plugin {
         self.logs.lock().unwrap().join("\n")
     }
 
-    /// Log lines that record a backend call of `op` ("wrap" or "unwrap").
-    pub fn backend_calls(&self, op: &str) -> usize {
-        let needle = format!("op=\"{op}\"");
-        self.logs
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains("backend call") && l.contains(&needle))
-            .count()
+    /// Backend calls of `op` ("wrap", "unwrap", "probe", "verify") so far, any outcome, from
+    /// the plugin's metrics (updated before the reply is sent, unlike the log, which a
+    /// reader thread picks up a moment later).
+    pub async fn backend_calls(&self, op: &str) -> u64 {
+        let (_, metrics) = self.http_get("/metrics").await;
+        let prefix = format!("kms_plugin_backend_calls_total{{op=\"{op}\",");
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
     }
 
     /// The address of the loopback HTTP endpoint, from the start-up log line.
