@@ -30,23 +30,52 @@ struct World {
 fn world() -> &'static World {
     static W: OnceLock<World> = OnceLock::new();
     W.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let backend = LocalBackend::from_keys(Kek::from_bytes(&[1; 32]).unwrap(), vec![Kek::from_bytes(&[2; 32]).unwrap()]);
-        let keys = Keys::new(Arc::new(backend), RotationPolicy::default(), NonZeroUsize::new(8).unwrap(), Duration::from_secs(3600));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let backend = LocalBackend::from_keys(
+            Kek::from_bytes(&[1; 32]).unwrap(),
+            vec![Kek::from_bytes(&[2; 32]).unwrap()],
+        );
+        let keys = Keys::new(
+            Arc::new(backend),
+            RotationPolicy::default(),
+            NonZeroUsize::new(8).unwrap(),
+            Duration::from_secs(3600),
+        );
         let service = KmsService::new(keys, ApiVersion::V2);
         let e = rt
-            .block_on(service.encrypt(tonic::Request::new(EncryptRequest { plaintext: SEED.to_vec().into(), uid: String::new() })))
+            .block_on(service.encrypt(tonic::Request::new(EncryptRequest {
+                plaintext: SEED.to_vec().into(),
+                uid: String::new(),
+            })))
             .unwrap()
             .into_inner();
-        let valid = DecryptRequest { ciphertext: e.ciphertext, uid: String::new(), key_id: e.key_id, annotations: e.annotations };
+        let valid = DecryptRequest {
+            ciphertext: e.ciphertext,
+            uid: String::new(),
+            key_id: e.key_id,
+            annotations: e.annotations,
+        };
         World { rt, service, valid }
     })
 }
 
 #[derive(Arbitrary, Debug)]
 enum Input {
-    Raw { ciphertext: Vec<u8>, key_id: String, annotations: Vec<(String, Vec<u8>)> },
-    Mutate { ciphertext_flip: Option<(u16, u8)>, kek_flip: Option<(u16, u8)>, key_id: Option<String>, truncate: Option<u16>, extra: Option<(String, Vec<u8>)> },
+    Raw {
+        ciphertext: Vec<u8>,
+        key_id: String,
+        annotations: Vec<(String, Vec<u8>)>,
+    },
+    Mutate {
+        ciphertext_flip: Option<(u16, u8)>,
+        kek_flip: Option<(u16, u8)>,
+        key_id: Option<String>,
+        truncate: Option<u16>,
+        extra: Option<(String, Vec<u8>)>,
+    },
 }
 
 fn flip(b: &bytes::Bytes, at: Option<(u16, u8)>) -> bytes::Bytes {
@@ -64,13 +93,26 @@ fn flip(b: &bytes::Bytes, at: Option<(u16, u8)>) -> bytes::Bytes {
 fuzz_target!(|input: Input| {
     let w = world();
     let req = match input {
-        Input::Raw { ciphertext, key_id, annotations } => DecryptRequest {
+        Input::Raw {
+            ciphertext,
+            key_id,
+            annotations,
+        } => DecryptRequest {
             ciphertext: ciphertext.into(),
             uid: String::new(),
             key_id,
-            annotations: annotations.into_iter().map(|(k, v)| (k, v.into())).collect::<HashMap<_, _>>(),
+            annotations: annotations
+                .into_iter()
+                .map(|(k, v)| (k, v.into()))
+                .collect::<HashMap<_, _>>(),
         },
-        Input::Mutate { ciphertext_flip, kek_flip, key_id, truncate, extra } => {
+        Input::Mutate {
+            ciphertext_flip,
+            kek_flip,
+            key_id,
+            truncate,
+            extra,
+        } => {
             let mut r = w.valid.clone();
             r.ciphertext = flip(&r.ciphertext, ciphertext_flip);
             if let Some(n) = truncate {
