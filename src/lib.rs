@@ -46,6 +46,8 @@ pub enum StartError {
     KeyFile(#[from] backend::local::KeyFileError),
     #[error("backend: {0}")]
     Backend(String),
+    #[error("{0}")]
+    Setup(String),
     #[error(transparent)]
     Socket(#[from] server::socket::SocketError),
     #[error("socket.path: {0}")]
@@ -126,7 +128,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         warn!(error = %e, "could not disable core dumps");
     }
     if settings.process.mlock {
-        ops::hygiene::lock_memory().map_err(|e| StartError::Backend(format!("process.mlock: mlockall failed: {e}")))?;
+        ops::hygiene::lock_memory().map_err(|e| StartError::Setup(format!("process.mlock: mlockall failed: {e}")))?;
     }
     let backend = build_backend(&settings).await?;
     let keys = Keys::new(
@@ -153,14 +155,14 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         true => {
             let listener = ops::http::bind(settings.metrics.address)
                 .await
-                .map_err(|e| StartError::Backend(format!("metrics.address {}: {e}", settings.metrics.address)))?;
+                .map_err(|e| StartError::Setup(format!("metrics.address {}: {e}", settings.metrics.address)))?;
             let endpoint = Arc::new(ops::http::Endpoint {
                 registry,
                 keys: Arc::clone(&keys),
             });
             let bound = listener
                 .local_addr()
-                .map_err(|e| StartError::Backend(format!("metrics: {e}")))?;
+                .map_err(|e| StartError::Setup(format!("metrics: {e}")))?;
             info!(address = %bound, "serving /metrics, /livez, /readyz, /healthz");
             Some(tokio::spawn(ops::http::serve(listener, endpoint)))
         }
