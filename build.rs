@@ -7,6 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .bytes(".")
+        // A request that does not decode is InvalidArgument, not tonic's Internal.
+        .codec_path("crate::service::codec::StrictCodec")
         .compile_fds(fds)?;
     Ok(())
 }

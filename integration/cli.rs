@@ -40,7 +40,7 @@ fn check_probes_the_backend_and_names_what_is_wrong() {
     std::fs::set_permissions(dir.key("root.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
     let (ok, _, stderr) = run(&["check", "--config", config.to_str().unwrap()], &[]);
     assert!(
-        !ok && stderr.contains("must not be readable by group or others"),
+        !ok && stderr.contains("must not be readable or writable by group or others"),
         "{stderr}"
     );
 

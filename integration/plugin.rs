@@ -7,6 +7,7 @@ mod bad_input;
 mod bench_smoke;
 mod cli;
 mod deploy;
+mod hardening;
 mod hierarchy;
 mod ops;
 mod pkcs11;

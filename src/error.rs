@@ -25,6 +25,12 @@ pub enum Error {
     /// No usable local KEK (start-up before the first wrap succeeded).
     #[error("no local KEK is available yet")]
     NotReady,
+    /// The current local KEK reached its hard use limit and rotation keeps failing.
+    #[error("the current local KEK reached its use limit and rotation is failing")]
+    KekExhausted,
+    /// Too many distinct KEK unwraps queued in this process (local load, not an outage).
+    #[error("too many distinct KEK unwraps queued in the plugin; retry")]
+    Overloaded,
     /// A local failure that is not the caller's fault (random number generator).
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -45,7 +51,8 @@ impl Error {
                 ErrorKind::UnknownKey => Code::NotFound,
                 ErrorKind::BadWrappedKey => Code::DataLoss,
             },
-            Error::NotReady => Code::Unavailable,
+            Error::NotReady | Error::KekExhausted => Code::Unavailable,
+            Error::Overloaded => Code::ResourceExhausted,
             Error::Internal(_) => Code::Internal,
         }
     }

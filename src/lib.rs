@@ -13,6 +13,7 @@ pub mod error;
 pub mod keys;
 pub mod logging;
 pub mod ops;
+pub mod secret_file;
 pub mod server;
 pub mod service;
 pub mod settings;
@@ -151,11 +152,19 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     keys::metrics::register(&keys, &mut registry);
     let service = service::KmsService::new(Arc::clone(&keys), settings.status.version);
     service.register_metrics(&mut registry);
+    let connections = server::connections::Connections::new(settings.socket.max_connections);
+    connections.register_metrics(&mut registry);
     let http = match settings.metrics.enabled {
         true => {
-            let listener = ops::http::bind(settings.metrics.address)
-                .await
-                .map_err(|e| StartError::Setup(format!("metrics.address {}: {e}", settings.metrics.address)))?;
+            let address = settings.metrics.address;
+            let listener = match ops::http::bind(address).await {
+                Err(e) if settings.dev_mode && e.kind() == std::io::ErrorKind::AddrInUse => {
+                    warn!(%address, "metrics.address is in use; development mode serves /metrics on a free loopback port instead (set KMS_PLUGIN_METRICS__ADDRESS to choose)");
+                    ops::http::bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).await
+                }
+                other => other,
+            }
+            .map_err(|e| StartError::Setup(format!("metrics.address {address}: {e}")))?;
             let endpoint = Arc::new(ops::http::Endpoint {
                 registry,
                 keys: Arc::clone(&keys),
@@ -163,8 +172,10 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             let bound = listener
                 .local_addr()
                 .map_err(|e| StartError::Setup(format!("metrics: {e}")))?;
+            let http = ops::http::HttpServer::start(listener, endpoint)
+                .map_err(|e| StartError::Setup(format!("metrics: {e}")))?;
             info!(address = %bound, "serving /metrics, /livez, /readyz, /healthz");
-            Some(tokio::spawn(ops::http::serve(listener, endpoint)))
+            Some(http)
         }
         false => None,
     };
@@ -183,18 +194,23 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         "serving KMS v2"
     );
 
+    if settings.dev_mode {
+        info!(
+            "development mode is up; next, ask it for its status: kms-plugin status --socket {address} (from a checkout: cargo run --release -- status --socket {address})"
+        );
+    }
+
     let (stop_rotation, rotation_stopped) = tokio::sync::watch::channel(false);
     let rotation = tokio::spawn(Arc::clone(&keys).run_rotation(rotation_stopped));
     let peers = server::PeerPolicy {
         uids: settings.socket.allowed_uids.clone(),
         gids: settings.socket.allowed_gids.clone(),
     };
-    let result = server::serve(listener, service, peers, settings.shutdown_grace, shutdown).await;
+    let result = server::serve(listener, service, peers, connections, settings.shutdown_grace, shutdown).await;
 
     let _ = stop_rotation.send(true);
     if let Some(http) = http {
-        http.abort();
-        let _ = http.await;
+        http.stop().await;
     }
     let _ = rotation.await;
     drop(guard);

@@ -10,25 +10,63 @@ use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
 
 /// Log output format.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum LogFormat {
     #[default]
     Text,
     Json,
 }
 
-/// Installs the global subscriber. `RUST_LOG`, when set, overrides `level`. Logs go to stderr.
+impl<'de> Deserialize<'de> for LogFormat {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::settings::one_of(d, &[("text", Self::Text), ("json", Self::Json)])
+    }
+}
+
+const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// Checks a log level setting: one level, or comma-separated directives that each name a
+/// level (`info,kms_plugin=debug`). A bare word that is not a level ("warning") would be read
+/// by the filter as a target name and silence every line, so it is refused.
+pub fn check_level(spec: &str) -> Result<(), String> {
+    let valid = || {
+        format!(
+            "{spec:?} is not a log level (one of {}, or directives like \"info,kms_plugin=debug\")",
+            LEVELS.join(", ")
+        )
+    };
+    if spec.trim().is_empty() {
+        return Err(valid());
+    }
+    for directive in spec.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level);
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(valid());
+        }
+    }
+    EnvFilter::try_new(spec).map(|_| ()).map_err(|_| valid())
+}
+
+/// Installs the global subscriber. `RUST_LOG`, when set and valid, overrides `level`; an
+/// invalid one is ignored with a warning rather than silencing the log. Logs go to stderr.
 pub fn init(level: &str, format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let env = std::env::var("RUST_LOG").ok();
+    let (spec, ignored) = match env {
+        Some(env) if check_level(&env).is_ok() => (env, None),
+        Some(env) => (level.to_string(), Some(env)),
+        None => (level.to_string(), None),
+    };
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(EnvFilter::new(spec))
         .with_writer(std::io::stderr)
         .with_ansi(false);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+    if let Some(env) = ignored {
+        tracing::warn!(rust_log = ?env, "RUST_LOG is not a valid level or directive list; using log.level");
+    }
 }
 
 /// Displays `sha256:<hex>` of a key_id, the form the apiserver logs and exports, computed only

@@ -35,18 +35,22 @@ enum Command {
     },
     /// Write a new random 32-byte local root key (mode 0600); never overwrites.
     Keygen {
-        #[arg(long)]
+        /// Where to write the key; the file must not exist yet.
+        #[arg(long, value_name = "PATH")]
         out: PathBuf,
     },
     /// Validate the configuration and run a backend wrap/unwrap probe.
     Check {
-        #[arg(long)]
+        /// TOML configuration file, as given to `serve` (environment KMS_PLUGIN_* overrides it).
+        #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// Call Status over the socket; exit 0 only if healthy (usable as an exec probe).
     Status {
-        #[arg(long)]
+        /// The plugin's socket: a path, unix:///path, or @name for an abstract socket.
+        #[arg(long, value_name = "PATH")]
         socket: String,
+        /// How long to wait for the connection and the reply.
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
@@ -54,6 +58,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any key material is read, whatever the subcommand: no core file may hold it.
+    if let Err(e) = kms_plugin::ops::hygiene::harden() {
+        eprintln!("kms-plugin: could not disable core dumps: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Keygen { out } => backend::local::generate_key_file(&out)
             .map(|key_id| println!("wrote {} (key_id {key_id})", out.display()))
@@ -83,10 +92,16 @@ fn load(config: Option<&Path>) -> Result<Settings, String> {
     Settings::load(config).map_err(|e| e.to_string())
 }
 
-/// Settings for `serve --dev DIR`: a root key and a socket under DIR.
+/// Settings for `serve --dev DIR`: a root key and a socket under DIR; `KMS_PLUGIN_*`
+/// variables still override them.
 fn dev_settings(dir: &Path) -> Result<Settings, String> {
+    use std::os::unix::fs::DirBuilderExt;
     let dir = std::path::absolute(dir).map_err(|e| e.to_string())?;
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(&dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
     let key = dir.join("root.key");
     if !key.exists() {
         let key_id = backend::local::generate_key_file(&key).map_err(|e| e.to_string())?;
@@ -95,12 +110,14 @@ fn dev_settings(dir: &Path) -> Result<Settings, String> {
             key.display()
         );
     }
-    Settings::from_toml(&format!(
+    let base = format!(
         "[socket]\npath = {:?}\n[backend]\ntype = \"local\"\ncurrent_key_file = {:?}\n",
         dir.join("kms.sock").display().to_string(),
         key.display().to_string()
-    ))
-    .map_err(|e| e.to_string())
+    );
+    let mut settings = Settings::load_with(Some(&base), std::env::vars()).map_err(|e| e.to_string())?;
+    settings.dev_mode = true;
+    Ok(settings)
 }
 
 fn serve(config: Option<PathBuf>, socket: Option<String>, dev: Option<PathBuf>) -> Result<(), String> {
@@ -131,6 +148,8 @@ async fn shutdown_signal() {
 
 async fn check(config: Option<PathBuf>) -> Result<(), String> {
     let settings = load(config.as_deref())?;
+    let address: server::socket::SocketAddress = settings.socket.path.parse()?;
+    server::socket::preflight(&address, settings.socket.group.as_deref()).map_err(|e| e.to_string())?;
     let backend = kms_plugin::build_backend(&settings).await.map_err(|e| e.to_string())?;
     let key_id = backend.probe().await.map_err(|e| format!("backend probe: {e}"))?;
     let kek = kms_plugin::keys::Kek::generate(&ring::rand::SystemRandom::new())

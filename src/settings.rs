@@ -43,6 +43,10 @@ pub struct Settings {
     /// Benchmark-only knobs; never set them on a real control plane.
     #[serde(default)]
     pub bench: BenchSettings,
+    /// `serve --dev`: a taken metrics port falls back to a free one, and start-up says what
+    /// to try next. Not settable from a file.
+    #[serde(skip)]
+    pub dev_mode: bool,
 }
 
 /// `/metrics`, `/livez`, `/readyz`, `/healthz` over plain HTTP on a loopback address.
@@ -94,10 +98,13 @@ pub struct SocketSettings {
     pub mode: u32,
     /// Group (name or numeric gid) to own the socket, for a non-root apiserver.
     pub group: Option<String>,
-    /// If non-empty, only peers with one of these uids may connect (SO_PEERCRED).
+    /// With `allowed_gids`: when either is non-empty, a peer may connect only if its uid is in
+    /// `allowed_uids` or its primary gid in `allowed_gids` (SO_PEERCRED).
     pub allowed_uids: Vec<u32>,
-    /// If non-empty, only peers with one of these gids may connect (SO_PEERCRED).
+    /// See `allowed_uids`.
     pub allowed_gids: Vec<u32>,
+    /// Most open connections; when full, the idlest connection makes room for a new one.
+    pub max_connections: usize,
 }
 
 impl Default for SocketSettings {
@@ -108,6 +115,7 @@ impl Default for SocketSettings {
             group: None,
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
+            max_connections: 64,
         }
     }
 }
@@ -266,13 +274,30 @@ pub struct StatusSettings {
 }
 
 /// The version string in StatusResponse: "v2" (Kubernetes 1.29+) or "v2beta1" (1.27–1.28).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ApiVersion {
     #[default]
-    #[serde(rename = "v2")]
     V2,
-    #[serde(rename = "v2beta1")]
     V2beta1,
+}
+
+impl<'de> Deserialize<'de> for ApiVersion {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        one_of(d, &[("v2", Self::V2), ("v2beta1", Self::V2beta1)])
+    }
+}
+
+/// A string setting with a fixed set of values; the error lists them.
+pub(crate) fn one_of<'de, D: Deserializer<'de>, T: Copy>(d: D, options: &[(&str, T)]) -> Result<T, D::Error> {
+    let s = String::deserialize(d)?;
+    options
+        .iter()
+        .find(|(name, _)| *name == s)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let valid: Vec<&str> = options.iter().map(|(name, _)| *name).collect();
+            serde::de::Error::custom(format!("{s:?} is not one of: {}", valid.join(", ")))
+        })
 }
 
 impl ApiVersion {
@@ -288,6 +313,8 @@ impl ApiVersion {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
+    /// A level (error, warn, info, debug, trace, off) or directives (`info,kms_plugin=debug`).
+    #[serde(deserialize_with = "log_level")]
     pub level: String,
     pub format: LogFormat,
 }
@@ -308,6 +335,12 @@ pub struct BenchSettings {
     /// Added to every backend call, to model a remote KMS's round trip.
     #[serde(deserialize_with = "opt_duration")]
     pub backend_latency: Option<Duration>,
+}
+
+fn log_level<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    crate::logging::check_level(&s).map_err(serde::de::Error::custom)?;
+    Ok(s)
 }
 
 fn default_grace() -> Duration {
@@ -331,14 +364,48 @@ fn octal_mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
         Text(String),
     }
     let mode = match Mode::deserialize(d)? {
+        // A TOML integer: 0o600 arrives as 384; a plain 600 is decimal, not a permission.
+        Mode::Num(n) if n > 0o777 => {
+            return Err(serde::de::Error::custom(format!(
+                "mode {n} is a decimal number above 0o777; write the octal mode as a string (\"0600\") or as TOML octal (0o600)"
+            )));
+        }
         Mode::Num(n) => n,
-        Mode::Text(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
-            .map_err(|_| serde::de::Error::custom(format!("invalid octal mode {s:?}")))?,
+        Mode::Text(s) => {
+            let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+                .map_err(|_| serde::de::Error::custom(format!("invalid octal mode {s:?} (e.g. \"0600\")")))?;
+            if mode & !0o777 != 0 {
+                return Err(serde::de::Error::custom(format!("mode {s:?} has bits outside 0777")));
+            }
+            mode
+        }
     };
-    if mode & !0o777 != 0 {
-        return Err(serde::de::Error::custom(format!("mode {mode:o} has bits outside 0777")));
-    }
     Ok(mode)
+}
+
+/// Environment variables that override the file: `KMS_PLUGIN_SECTION__FIELD`.
+const ENV_PREFIX: &str = "KMS_PLUGIN_";
+
+/// Settings that are lists; from the environment they are comma-separated.
+const LIST_KEYS: &[&str] = &[
+    "socket.allowed_uids",
+    "socket.allowed_gids",
+    "backend.decrypt_only_key_files",
+    "backend.decrypt_only_key_labels",
+    "backend.decrypt_only_keys",
+];
+
+/// Reads a config file, saying precisely why it cannot be used.
+fn read_config_file(path: &Path) -> Result<String, SettingsError> {
+    let err = |why: String| SettingsError(format!("config file {}: {why}", path.display()));
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if meta.is_dir() {
+        return Err(err("is a directory, not a TOML file".into()));
+    }
+    if !meta.is_file() {
+        return Err(err("is not a regular file".into()));
+    }
+    std::fs::read_to_string(path).map_err(|e| err(e.to_string()))
 }
 
 /// A configuration error, with the field it concerns where known.
@@ -350,21 +417,51 @@ impl Settings {
     /// Loads `file` (if any), then environment variables `KMS_PLUGIN_<SECTION>__<FIELD>`
     /// (e.g. `KMS_PLUGIN_SOCKET__PATH`, `KMS_PLUGIN_KEK__MAX_AGE`).
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        let text = match file {
+            Some(file) => Some(read_config_file(file)?),
+            None => None,
+        };
+        Self::load_with(text.as_deref(), std::env::vars())
+    }
+
+    /// Like [`Settings::load`], with the file's text and the environment given (tests).
+    /// `base` is TOML; the `KMS_PLUGIN_*` entries of `env` override it. List settings take
+    /// comma-separated values (`KMS_PLUGIN_SOCKET__ALLOWED_UIDS=0,1000`).
+    pub fn load_with(
+        base: Option<&str>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingsError> {
         let mut builder = ::config::Config::builder();
-        if let Some(file) = file {
-            builder = builder.add_source(
-                ::config::File::from(file)
-                    .format(::config::FileFormat::Toml)
-                    .required(true),
-            );
+        let mut from_env = false;
+        if let Some(text) = base {
+            builder = builder.add_source(::config::File::from_str(text, ::config::FileFormat::Toml));
         }
-        builder = builder.add_source(
-            ::config::Environment::with_prefix("KMS_PLUGIN")
-                .prefix_separator("_")
-                .separator("__")
-                .list_separator(",")
-                .with_list_parse_key("backend.decrypt_only_key_files"),
-        );
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let key = rest.to_ascii_lowercase().replace("__", ".");
+            from_env = true;
+            // Values stay strings (the config crate converts them to numbers on
+            // deserialisation), so an octal "0600" is never read as decimal 600.
+            builder = if LIST_KEYS.contains(&key.as_str()) {
+                let items: Vec<String> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect();
+                builder.set_override(key, items)
+            } else {
+                builder.set_override(key, value)
+            }
+            .map_err(|e| SettingsError(format!("{name}: {e}")))?;
+        }
+        if base.is_none() && !from_env {
+            return Err(SettingsError(
+                "no configuration: pass --config FILE (see deploy/config.toml), or try `serve --dev DIR`".into(),
+            ));
+        }
         Self::from_config(builder)
     }
 
@@ -377,13 +474,20 @@ impl Settings {
 
     fn from_config(builder: ::config::ConfigBuilder<::config::builder::DefaultState>) -> Result<Self, SettingsError> {
         let config = builder.build().map_err(|e| SettingsError(e.to_string()))?;
+        if config.get_table("backend").is_err() {
+            return Err(SettingsError(
+                "backend: missing; add a [backend] section with type = \"local\", \"pkcs11\" or \"aws\"".into(),
+            ));
+        }
         let mut settings: Settings = config
             .clone()
             .try_deserialize()
             .map_err(|e| SettingsError(e.to_string()))?;
-        let kind = config
-            .get_string("backend.type")
-            .map_err(|_| SettingsError("backend.type: missing (local, pkcs11 or aws)".into()))?;
+        let kind = config.get_string("backend.type").map_err(|_| {
+            SettingsError(
+                "backend.type: missing; add a [backend] section with type = \"local\", \"pkcs11\" or \"aws\"".into(),
+            )
+        })?;
         // A config of its own for the backend table, so errors carry the field's path.
         let table = config.get_table("backend").map_err(|e| SettingsError(e.to_string()))?;
         let sub = ::config::Config::builder()
@@ -421,6 +525,9 @@ impl Settings {
         }
         if self.kek.max_age.is_zero() {
             return err("kek.max_age must be positive");
+        }
+        if self.socket.max_connections == 0 {
+            return err("socket.max_connections must be at least 1");
         }
         if self.probe.interval.is_zero() {
             return err("probe.interval must be positive");
@@ -525,5 +632,105 @@ mod tests {
                 .to_string();
             assert!(e.contains(field), "{e:?} does not name {field}");
         }
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn every_list_setting_from_the_environment() {
+        let s = Settings::load_with(
+            Some(MIN),
+            env(&[
+                ("KMS_PLUGIN_SOCKET__ALLOWED_UIDS", "0"),
+                ("KMS_PLUGIN_SOCKET__ALLOWED_GIDS", "0, 1000,"),
+                ("KMS_PLUGIN_BACKEND__DECRYPT_ONLY_KEY_FILES", "/a.key,/b.key"),
+                ("KMS_PLUGIN_SOCKET__MODE", "0660"),
+                ("KMS_PLUGIN_KEK__MAX_USES", "10"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.socket.allowed_uids, [0]);
+        assert_eq!(s.socket.allowed_gids, [0, 1000]);
+        assert_eq!(s.socket.mode, 0o660, "an octal string from the environment stays octal");
+        assert_eq!(s.kek.max_uses, 10);
+        let BackendSettings::Local(local) = &s.backend else {
+            panic!()
+        };
+        assert_eq!(
+            local.decrypt_only_key_files,
+            [PathBuf::from("/a.key"), PathBuf::from("/b.key")]
+        );
+
+        let hsm = "[backend]\ntype = \"pkcs11\"\nmodule = \"/m\"\ntoken_label = \"t\"\npin_file = \"/p\"\ncurrent_key_label = \"a\"\n";
+        let s = Settings::load_with(
+            Some(hsm),
+            env(&[("KMS_PLUGIN_BACKEND__DECRYPT_ONLY_KEY_LABELS", "b,c")]),
+        )
+        .unwrap();
+        let BackendSettings::Pkcs11(p) = &s.backend else {
+            panic!()
+        };
+        assert_eq!(p.decrypt_only_key_labels, ["b", "c"]);
+
+        let aws = "[backend]\ntype = \"aws\"\nkey = \"alias/k\"\n";
+        let s = Settings::load_with(
+            Some(aws),
+            env(&[("KMS_PLUGIN_BACKEND__DECRYPT_ONLY_KEYS", "arn:1,arn:2")]),
+        )
+        .unwrap();
+        let BackendSettings::Aws(a) = &s.backend else { panic!() };
+        assert_eq!(a.decrypt_only_keys, ["arn:1", "arn:2"]);
+
+        // The environment alone is a configuration; nothing at all is refused with a hint.
+        let e = Settings::load_with(None, env(&[])).unwrap_err().to_string();
+        assert!(e.contains("--config"), "{e}");
+        let e = Settings::load_with(Some(MIN), env(&[("KMS_PLUGIN_SOCKET__ALLOWED_UIDS", "root")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("allowed_uids"), "{e}");
+    }
+
+    #[test]
+    fn errors_list_the_valid_values() {
+        let cases = [
+            ("[log]\nlevel = \"warning\"\n", "log.level"),
+            ("[log]\nlevel = \"loud\"\n", "log.level"),
+            ("[log]\nlevel = \"info,kms_plugin\"\n", "log.level"),
+            ("[log]\nformat = \"xml\"\n", "text, json"),
+            ("[status]\nversion = \"v3\"\n", "v2, v2beta1"),
+            ("[socket]\nmode = 600\n", "0o600"),
+        ];
+        for (text, needle) in cases {
+            let e = Settings::from_toml(&format!("{text}{MIN}")).unwrap_err().to_string();
+            assert!(e.contains(needle), "{text}: {e}");
+            assert!(!e.contains("variant"), "{text}: {e}");
+        }
+        for ok in ["debug", "info,kms_plugin=debug", "WARN", "off"] {
+            Settings::from_toml(&format!("[log]\nlevel = {ok:?}\n{MIN}")).unwrap();
+        }
+        assert_eq!(
+            Settings::from_toml(&format!("[socket]\nmode = 0o640\n{MIN}"))
+                .unwrap()
+                .socket
+                .mode,
+            0o640
+        );
+        let e = Settings::from_toml("").unwrap_err().to_string();
+        assert!(e.contains("[backend]"), "{e}");
+    }
+
+    #[test]
+    fn config_file_errors_say_what_is_wrong() {
+        let e = Settings::load(Some(Path::new("/tmp"))).unwrap_err().to_string();
+        assert!(e.contains("is a directory"), "{e}");
+        let e = Settings::load(Some(Path::new("/dev/null"))).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let e = Settings::load(Some(Path::new("/no/such/file.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("No such file"), "{e}");
     }
 }

@@ -14,6 +14,7 @@ use kms_plugin::server::socket::SocketAddress;
 use ring::rand::{SecureRandom, SystemRandom};
 
 pub mod moto;
+pub mod raw;
 pub mod softhsm;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_kms-plugin");
@@ -254,6 +255,31 @@ impl Plugin {
         self.signal("TERM");
         let status = self.wait_exit().await;
         assert!(status.success(), "exit {status:?}; logs:\n{}", self.logs());
+    }
+}
+
+impl Plugin {
+    /// The plugin process's resident and peak resident memory, in KiB.
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap()
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// A counter or gauge from /metrics (the sum over its label sets matching `prefix`).
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let (_, metrics) = self.http_get("/metrics").await;
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 }
 

@@ -6,15 +6,14 @@
 //! restarts and nodes, and revealing nothing about the key.
 
 use std::collections::HashMap;
-use std::fs::{self, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use ring::digest;
 use ring::rand::SystemRandom;
-use zeroize::Zeroizing;
 
 use super::{Backend, BackendError, ErrorKind, Wrapped};
 use crate::keys::aead;
@@ -33,14 +32,14 @@ pub struct LocalBackend {
 /// Why a key file was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
+    #[error("root key file {0}")]
+    File(#[from] crate::secret_file::SecretFileError),
     #[error("root key file {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("root key file {path} is not a regular file")]
-    NotAFile { path: PathBuf },
-    #[error("root key file {path} has mode {mode:o}: it must not be readable by group or others (chmod 600)")]
-    TooOpen { path: PathBuf, mode: u32 },
     #[error("root key file {path} holds {len} bytes; a root key is exactly 32 bytes")]
     WrongLength { path: PathBuf, len: u64 },
+    #[error("root key file {path} holds an all-zero key; generate one with `kms-plugin keygen`")]
+    AllZero { path: PathBuf },
     #[error("root key file {path} holds the same key as another configured key file")]
     Duplicate { path: PathBuf },
 }
@@ -97,30 +96,22 @@ fn wrap_aad(key_id: &str) -> Vec<u8> {
 }
 
 fn read_key_file(path: &Path) -> Result<Kek, KeyFileError> {
-    let io = |source| KeyFileError::Io {
-        path: path.to_owned(),
-        source,
+    // Group and others get nothing; one byte more than a key shows a wrong length.
+    let policy = crate::secret_file::Policy {
+        deny_mode: 0o077,
+        max_len: KEY_LEN as u64 + 1,
     };
-    let mut file = fs::File::open(path).map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
-    if !meta.is_file() {
-        return Err(KeyFileError::NotAFile { path: path.to_owned() });
-    }
-    if meta.mode() & 0o077 != 0 {
-        return Err(KeyFileError::TooOpen {
-            path: path.to_owned(),
-            mode: meta.mode() & 0o7777,
-        });
-    }
-    if meta.len() != KEY_LEN as u64 {
+    let bytes = crate::secret_file::read(path, &policy)?;
+    if bytes.len() != KEY_LEN {
         return Err(KeyFileError::WrongLength {
             path: path.to_owned(),
-            len: meta.len(),
+            len: bytes.len() as u64,
         });
     }
-    let mut buf = Zeroizing::new([0u8; KEY_LEN]);
-    file.read_exact(buf.as_mut()).map_err(io)?;
-    Ok(Kek::from_bytes(buf.as_ref()).expect("exactly 32 bytes"))
+    if bytes.iter().all(|b| *b == 0) {
+        return Err(KeyFileError::AllZero { path: path.to_owned() });
+    }
+    Ok(Kek::from_bytes(&bytes).expect("exactly 32 bytes"))
 }
 
 /// Writes a new random root key to `path` with mode 0600; never overwrites an existing file.
@@ -186,7 +177,9 @@ impl Backend for LocalBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
+    use crate::secret_file::SecretFileError;
+    use std::fs;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     #[tokio::test]
     async fn wrap_unwrap_and_rotation() {
@@ -233,7 +226,10 @@ mod tests {
 
         fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
         let e = LocalBackend::open(&p, &[]).err().unwrap();
-        assert!(matches!(e, KeyFileError::TooOpen { mode: 0o640, .. }), "{e}");
+        assert!(
+            matches!(e, KeyFileError::File(SecretFileError::TooOpen { mode: 0o640, .. })),
+            "{e}"
+        );
 
         let short = dir.path().join("short");
         fs::write(&short, [0u8; 31]).unwrap();
@@ -242,13 +238,20 @@ mod tests {
             LocalBackend::open(&short, &[]),
             Err(KeyFileError::WrongLength { len: 31, .. })
         ));
+        let zero = dir.path().join("zero");
+        fs::write(&zero, [0u8; 32]).unwrap();
+        fs::set_permissions(&zero, fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(
+            LocalBackend::open(&zero, &[]),
+            Err(KeyFileError::AllZero { .. })
+        ));
         assert!(matches!(
             LocalBackend::open(dir.path(), &[]),
-            Err(KeyFileError::NotAFile { .. })
+            Err(KeyFileError::File(SecretFileError::NotAFile { .. }))
         ));
         assert!(matches!(
             LocalBackend::open(&dir.path().join("missing"), &[]),
-            Err(KeyFileError::Io { .. })
+            Err(KeyFileError::File(SecretFileError::Io { .. }))
         ));
         fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
         assert!(matches!(

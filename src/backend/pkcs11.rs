@@ -15,7 +15,6 @@
 //! few failures, so the backend fails every later call until the plugin is restarted.
 
 use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -296,22 +295,13 @@ fn read_pin(source: &PinSource) -> Result<AuthPin, String> {
     let pin = match source {
         PinSource::Env(var) => std::env::var(var).map_err(|_| format!("PIN environment variable {var} is not set"))?,
         PinSource::File(path) => {
-            use std::io::Read;
-            // One open: the mode checked is the mode of the file read.
-            let mut file = std::fs::File::open(path).map_err(|e| format!("PIN file {}: {e}", path.display()))?;
-            let meta = file
-                .metadata()
-                .map_err(|e| format!("PIN file {}: {e}", path.display()))?;
-            if meta.mode() & 0o007 != 0 {
-                return Err(format!(
-                    "PIN file {} is readable by others (mode {:o}); chmod o-rwx",
-                    path.display(),
-                    meta.mode() & 0o777
-                ));
-            }
-            let mut text = Zeroizing::new(String::new());
-            file.read_to_string(&mut text)
-                .map_err(|e| format!("PIN file {}: {e}", path.display()))?;
+            // Group may read (an HSM client group); others may not.
+            let policy = crate::secret_file::Policy {
+                deny_mode: 0o007,
+                max_len: 4096,
+            };
+            let bytes = crate::secret_file::read(path, &policy).map_err(|e| format!("PIN file {e}"))?;
+            let text = std::str::from_utf8(&bytes).map_err(|_| format!("PIN file {}: not UTF-8", path.display()))?;
             text.trim_end_matches(['\n', '\r']).to_string()
         }
     };

@@ -3,16 +3,25 @@
 //!
 //! Entries hold `Arc<Kek>`; a KEK is wiped when its last holder (cache or in-flight call) drops
 //! it. The lock is never held across an await: look up, release, unwrap, re-lock to insert.
+//!
+//! Under a flood of garbage: a wrapped KEK the backend refused as not unwrapping is remembered
+//! for [`NEGATIVE_TTL`] (bounded LRU), so repeating it costs no backend call; and at most
+//! [`MAX_INFLIGHT`] distinct unwraps run at once, the others waiting their turn in arrival order
+//! (up to [`MAX_WAITING`] of them, for up to [`MAX_WAIT`]) instead of failing, so a legitimate
+//! cold Decrypt queued behind garbage still succeeds. Only a full queue is refused, as
+//! [`Miss::Busy`], which is local load and never a backend outage.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use lru::LruCache;
 use prometheus_client::metrics::counter::Counter;
 use ring::digest;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use super::secret::Kek;
 use crate::backend::{BackendError, ErrorKind};
@@ -43,6 +52,15 @@ impl KekRef {
 
 type Outcome = Result<Arc<Kek>, BackendError>;
 
+/// Why a KEK could not be had.
+#[derive(Debug, Clone)]
+pub enum Miss {
+    /// The backend's answer (or a remembered refusal of the same wrapped KEK).
+    Backend(BackendError),
+    /// Too many distinct unwraps queued locally; retry later.
+    Busy,
+}
+
 struct Entry {
     key_id: Arc<str>,
     kek: Arc<Kek>,
@@ -51,14 +69,23 @@ struct Entry {
 struct Inner {
     lru: LruCache<KekRef, Entry>,
     inflight: HashMap<KekRef, watch::Receiver<Option<Outcome>>>,
+    /// Wrapped KEKs the backend refused as not unwrapping, and when that was.
+    refused: LruCache<KekRef, (BackendError, Instant)>,
     /// Bumped by every purge: an unwrap that started before a purge must not insert after it.
     epoch: u64,
 }
 
-/// Most distinct unwraps in flight at once; beyond it misses fail fast with Unavailable, so
-/// a flood of distinct (garbage) wrapped KEKs cannot queue unbounded backend calls. A cold
-/// start needs one per distinct local KEK, far fewer.
+/// Most distinct unwraps in flight at once, so a flood of distinct (garbage) wrapped KEKs
+/// cannot start unbounded backend calls. A cold start needs one per distinct local KEK.
 pub const MAX_INFLIGHT: usize = 64;
+/// Most misses waiting for an unwrap slot; more are refused as [`Miss::Busy`].
+pub const MAX_WAITING: usize = 4096;
+/// Longest a miss waits for an unwrap slot (the apiserver's own deadline is 3 s by default).
+pub const MAX_WAIT: Duration = Duration::from_secs(5);
+/// How long a refused wrapped KEK is remembered.
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(10);
+/// How many refused wrapped KEKs are remembered.
+const NEGATIVE_CAPACITY: usize = 1024;
 
 /// Removes the in-flight entry however the fetch task ends (even by panic), so waiters get an
 /// answer and a later request can try again.
@@ -89,11 +116,18 @@ pub struct CacheStats {
     pub misses: Counter,
     pub coalesced: Counter,
     pub evictions: Counter,
+    /// Decrypts answered from a remembered refusal, without a backend call.
+    pub refused_hits: Counter,
+    /// Misses refused because the unwrap queue was full.
+    pub busy: Counter,
 }
 
 /// Bounded cache of unwrapped local KEKs with single-flight misses.
 pub struct KekCache {
     inner: Mutex<Inner>,
+    /// Unwrap slots (MAX_INFLIGHT); a fetch task holds one until its backend call ends.
+    slots: Arc<Semaphore>,
+    waiting: AtomicUsize,
     pub stats: CacheStats,
 }
 
@@ -103,8 +137,11 @@ impl KekCache {
             inner: Mutex::new(Inner {
                 lru: LruCache::new(capacity),
                 inflight: HashMap::new(),
+                refused: LruCache::new(NonZeroUsize::new(NEGATIVE_CAPACITY).expect("non-zero")),
                 epoch: 0,
             }),
+            slots: Arc::new(Semaphore::new(MAX_INFLIGHT)),
+            waiting: AtomicUsize::new(0),
             stats: CacheStats::default(),
         })
     }
@@ -156,65 +193,120 @@ impl KekCache {
     /// Returns the cached KEK, or runs `fetch` once for all concurrent callers asking for the
     /// same `kek_ref`. The fetch runs in its own task, so a caller that gives up (apiserver
     /// timeout) does not cancel the unwrap the others are waiting for.
-    pub async fn get_or_fetch<F, Fut>(self: &Arc<Self>, kek_ref: KekRef, key_id: &str, fetch: F) -> Outcome
+    pub async fn get_or_fetch<F, Fut>(
+        self: &Arc<Self>,
+        kek_ref: KekRef,
+        key_id: &str,
+        fetch: F,
+    ) -> Result<Arc<Kek>, Miss>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Kek, BackendError>> + Send + 'static,
     {
-        let mut rx = {
-            let mut inner = self.lock();
-            if let Some(e) = inner.lru.get(&kek_ref) {
-                self.stats.hits.inc();
-                return Ok(Arc::clone(&e.kek));
-            }
-            if let Some(rx) = inner.inflight.get(&kek_ref) {
-                self.stats.coalesced.inc();
-                rx.clone()
-            } else {
-                if inner.inflight.len() >= MAX_INFLIGHT {
-                    return Err(BackendError::new(
-                        ErrorKind::Transient,
-                        "too many distinct unwraps in flight",
-                    ));
+        let mut slot = None;
+        let mut rx = loop {
+            {
+                let mut inner = self.lock();
+                if let Some(e) = inner.lru.get(&kek_ref) {
+                    self.stats.hits.inc();
+                    return Ok(Arc::clone(&e.kek));
                 }
-                self.stats.misses.inc();
-                let (tx, rx) = watch::channel(None);
-                inner.inflight.insert(kek_ref, rx.clone());
-                let epoch = inner.epoch;
-                let guard = InflightGuard {
-                    cache: Arc::clone(self),
-                    kek_ref,
-                    rx: rx.clone(),
-                };
-                let key_id: Arc<str> = key_id.into();
-                let fut = fetch();
-                tokio::spawn(async move {
-                    let outcome = fut.await.map(Arc::new);
-                    {
-                        let cache = &guard.cache;
-                        let mut inner = cache.lock();
-                        if let Ok(kek) = &outcome
-                            && inner.epoch == epoch
-                        {
-                            let entry = Entry {
-                                key_id,
-                                kek: Arc::clone(kek),
-                            };
-                            if inner.lru.push(kek_ref, entry).is_some_and(|(old, _)| old != kek_ref) {
-                                cache.stats.evictions.inc();
-                            }
-                        }
+                if let Some((e, at)) = inner.refused.get(&kek_ref) {
+                    if at.elapsed() < NEGATIVE_TTL {
+                        self.stats.refused_hits.inc();
+                        return Err(Miss::Backend(e.clone()));
                     }
-                    drop(guard);
-                    let _ = tx.send(Some(outcome));
-                });
-                rx
+                    inner.refused.pop(&kek_ref);
+                }
+                if let Some(rx) = inner.inflight.get(&kek_ref) {
+                    self.stats.coalesced.inc();
+                    drop(slot.take());
+                    break rx.clone();
+                }
+                if let Some(permit) = slot.take().or_else(|| Arc::clone(&self.slots).try_acquire_owned().ok()) {
+                    self.stats.misses.inc();
+                    break self.start_fetch(&mut inner, kek_ref, key_id, permit, fetch());
+                }
             }
+            // Every slot is busy: wait for one in arrival order, then look again (another
+            // caller may have fetched this very KEK meanwhile).
+            slot = Some(self.wait_for_slot().await?);
         };
         match rx.wait_for(Option::is_some).await {
-            Ok(outcome) => outcome.clone().expect("checked is_some"),
-            Err(_) => Err(BackendError::new(ErrorKind::Transient, "unwrap task ended early")),
+            Ok(outcome) => outcome.clone().expect("checked is_some").map_err(Miss::Backend),
+            Err(_) => Err(Miss::Backend(BackendError::new(
+                ErrorKind::Transient,
+                "unwrap task ended early",
+            ))),
         }
+    }
+
+    async fn wait_for_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Miss> {
+        if self.waiting.fetch_add(1, Relaxed) >= MAX_WAITING {
+            self.waiting.fetch_sub(1, Relaxed);
+            self.stats.busy.inc();
+            return Err(Miss::Busy);
+        }
+        let permit = tokio::time::timeout(MAX_WAIT, Arc::clone(&self.slots).acquire_owned()).await;
+        self.waiting.fetch_sub(1, Relaxed);
+        match permit {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => {
+                self.stats.busy.inc();
+                Err(Miss::Busy)
+            }
+        }
+    }
+
+    /// Registers an in-flight unwrap of `kek_ref` and runs it in its own task, holding `slot`.
+    fn start_fetch<Fut>(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        kek_ref: KekRef,
+        key_id: &str,
+        slot: tokio::sync::OwnedSemaphorePermit,
+        fut: Fut,
+    ) -> watch::Receiver<Option<Outcome>>
+    where
+        Fut: Future<Output = Result<Kek, BackendError>> + Send + 'static,
+    {
+        let (tx, rx) = watch::channel(None);
+        inner.inflight.insert(kek_ref, rx.clone());
+        let epoch = inner.epoch;
+        let guard = InflightGuard {
+            cache: Arc::clone(self),
+            kek_ref,
+            rx: rx.clone(),
+        };
+        let key_id: Arc<str> = key_id.into();
+        tokio::spawn(async move {
+            let outcome = fut.await.map(Arc::new);
+            drop(slot);
+            {
+                let cache = &guard.cache;
+                let mut inner = cache.lock();
+                match &outcome {
+                    Ok(kek) if inner.epoch == epoch => {
+                        let entry = Entry {
+                            key_id,
+                            kek: Arc::clone(kek),
+                        };
+                        if inner.lru.push(kek_ref, entry).is_some_and(|(old, _)| old != kek_ref) {
+                            cache.stats.evictions.inc();
+                        }
+                    }
+                    // Only a refusal of these very bytes is remembered: outages, denials and
+                    // revocations are about the key, and the probe tracks those.
+                    Err(e) if e.kind == ErrorKind::BadWrappedKey => {
+                        inner.refused.put(kek_ref, (e.clone(), Instant::now()));
+                    }
+                    _ => {}
+                }
+            }
+            drop(guard);
+            let _ = tx.send(Some(outcome));
+        });
+        rx
     }
 }
 
@@ -266,7 +358,13 @@ mod tests {
             .await
             .err()
             .unwrap();
-        assert_eq!(e.kind, ErrorKind::Transient);
+        assert!(matches!(
+            e,
+            Miss::Backend(BackendError {
+                kind: ErrorKind::Transient,
+                ..
+            })
+        ));
         assert!(cache.is_empty());
         assert!(cache.get_or_fetch(r, "k", || async { Ok(kek(1)) }).await.is_ok());
         assert_eq!(cache.len(), 1);
@@ -294,5 +392,70 @@ mod tests {
     fn kek_ref_separates_fields() {
         assert!(KekRef::new("ab", b"c") != KekRef::new("a", b"bc"));
         assert!(KekRef::new("a", b"c") == KekRef::new("a", b"c"));
+    }
+
+    #[tokio::test]
+    async fn refused_wrapped_keks_are_remembered_briefly() {
+        let cache = KekCache::new(NonZeroUsize::new(4).unwrap());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let r = KekRef::new("k", b"garbage");
+        for _ in 0..500 {
+            let calls = Arc::clone(&calls);
+            let e = cache
+                .get_or_fetch(r, "k", || async move {
+                    calls.fetch_add(1, Relaxed);
+                    Err(BackendError::new(ErrorKind::BadWrappedKey, "no"))
+                })
+                .await
+                .err()
+                .unwrap();
+            assert!(matches!(
+                e,
+                Miss::Backend(BackendError {
+                    kind: ErrorKind::BadWrappedKey,
+                    ..
+                })
+            ));
+        }
+        assert_eq!(calls.load(Relaxed), 1);
+        assert_eq!(cache.stats.refused_hits.get(), 499);
+        // Outages are not remembered: the next call asks the backend again.
+        let r = KekRef::new("k", b"other");
+        for _ in 0..2 {
+            let calls = Arc::clone(&calls);
+            let _ = cache
+                .get_or_fetch(r, "k", || async move {
+                    calls.fetch_add(1, Relaxed);
+                    Err(BackendError::new(ErrorKind::Transient, "down"))
+                })
+                .await;
+        }
+        assert_eq!(calls.load(Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn a_full_set_of_slots_queues_instead_of_failing() {
+        let cache = KekCache::new(NonZeroUsize::new(1000).unwrap());
+        let mut tasks = Vec::new();
+        // Three times as many distinct slow unwraps as there are slots: all succeed.
+        for i in 0..(3 * MAX_INFLIGHT) {
+            let cache = Arc::clone(&cache);
+            tasks.push(tokio::spawn(async move {
+                let r = KekRef::new("k", &i.to_be_bytes());
+                cache
+                    .get_or_fetch(r, "k", || async move {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Ok(kek(i as u8))
+                    })
+                    .await
+                    .map(|k| k.expose()[0])
+                    .map_err(|e| format!("{e:?}"))
+            }));
+        }
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(t.await.unwrap().unwrap(), i as u8);
+        }
+        assert_eq!(cache.stats.misses.get(), 3 * MAX_INFLIGHT as u64);
+        assert_eq!(cache.stats.busy.get(), 0);
     }
 }

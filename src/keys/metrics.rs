@@ -190,5 +190,15 @@ pub fn register(keys: &Arc<Keys>, registry: &mut Registry) {
         stats.coalesced,
     );
     registry.register("kek_cache_evictions", "KEKs evicted from the cache", stats.evictions);
+    registry.register(
+        "kek_cache_refused_hits",
+        "Decrypts answered from a recently refused wrapped KEK, without a backend call",
+        stats.refused_hits,
+    );
+    registry.register(
+        "unwrap_queue_full",
+        "Decrypts refused (ResourceExhausted) because too many distinct unwraps were queued",
+        stats.busy,
+    );
     registry.register_collector(Box::new(KeysCollector(Arc::clone(keys))));
 }

@@ -149,7 +149,17 @@ impl Keys {
                 )));
             }
         }
-        self.current().ok_or(Error::NotReady)
+        let current = self.current().ok_or(Error::NotReady)?;
+        if current.uses() >= self.hard_limit() {
+            return Err(Error::KekExhausted);
+        }
+        Ok(current)
+    }
+
+    /// Seals allowed under one KEK when rotation keeps failing: random 96-bit nonces stay
+    /// safe far beyond `max_uses`, but sealing must not go on forever under one KEK.
+    fn hard_limit(&self) -> u64 {
+        self.policy.max_uses.saturating_mul(2)
     }
 
     /// (revoked, failing): whether the current root key is revoked, and whether the backend is
@@ -255,16 +265,12 @@ impl Keys {
             }
             Err(e) => return Err(e),
         };
-        let uses = cur.uses.fetch_add(1, Relaxed) + 1;
-        if uses >= self.policy.max_uses {
+        let before = cur.uses.fetch_add(1, Relaxed);
+        if before + 1 >= self.policy.max_uses {
             self.rotate_soon.notify_one();
-            // Random 96-bit nonces stay safe far beyond max_uses, but if rotation keeps failing
-            // there is a hard stop rather than sealing forever under one KEK.
-            if uses >= self.policy.max_uses.saturating_mul(2) {
-                return Err(Error::Backend(BackendError::new(
-                    ErrorKind::Transient,
-                    "current local KEK is exhausted and rotation is failing",
-                )));
+            // The hard stop; Status fails from the same count on (healthy_current).
+            if before >= self.hard_limit() {
+                return Err(Error::KekExhausted);
             }
         }
         let ciphertext = envelope::seal(&cur.kek, &cur.key_id, &cur.kek_ref, plaintext, &self.rng)
@@ -322,7 +328,13 @@ impl Keys {
                 }
             })
             .await
-            .inspect_err(|e| self.note_unwrap_error(key_id, e))?;
+            .map_err(|miss| match miss {
+                cache::Miss::Busy => Error::Overloaded,
+                cache::Miss::Backend(e) => {
+                    self.note_unwrap_error(key_id, &e);
+                    Error::Backend(e)
+                }
+            })?;
         Ok(envelope.open(&kek, key_id, &kek_ref)?)
     }
 
@@ -472,13 +484,14 @@ async fn backend_call<T>(
             ))
         });
     metrics.backend_call(op, &result, started.elapsed());
-    info!(
-        backend = backend.name(),
-        op,
-        ok = result.is_ok(),
-        key_id_hash = %key_id.map_or_else(|| "-".to_string(), |k| KeyIdHash(k).to_string()),
-        elapsed_us = started.elapsed().as_micros() as u64,
-        "backend call"
-    );
+    let key_id_hash = key_id.map_or_else(|| "-".to_string(), |k| KeyIdHash(k).to_string());
+    let elapsed_us = started.elapsed().as_micros() as u64;
+    // The periodic probe and verify succeed every interval: logged at debug, so a quiet
+    // plugin's info log holds only what changed.
+    if result.is_ok() && matches!(op, "probe" | "verify") {
+        tracing::debug!(backend = backend.name(), op, ok = true, key_id_hash = %key_id_hash, elapsed_us, "backend call");
+    } else {
+        info!(backend = backend.name(), op, ok = result.is_ok(), key_id_hash = %key_id_hash, elapsed_us, "backend call");
+    }
     result
 }

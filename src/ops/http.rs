@@ -5,6 +5,12 @@
 //!   probe that succeeded within the last three probe intervals.
 //!
 //! Plain HTTP/1 on a loopback address: it carries no secrets and must not be exposed.
+//!
+//! Any local process can connect to a loopback port, so the endpoint must not be starvable:
+//! it runs on its own thread (a `/metrics` flood cannot slow the gRPC calls), every connection
+//! serves one request and gets [`CONNECTION_DEADLINE`] for all of it, and when
+//! [`MAX_CONNECTIONS`] are open the oldest is closed to admit the new one, so slow or silent
+//! clients cannot lock the kubelet's probe out.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +39,7 @@ fn not_ready(keys: &Keys) -> Option<String> {
         // The gRPC code and kind only: backend details (ARNs, labels) stay in the log.
         let kind = match &e {
             crate::error::Error::Backend(b) => format!("{:?}", b.kind),
+            crate::error::Error::KekExhausted => "local KEK exhausted, rotation failing".to_string(),
             _ => "no local KEK".to_string(),
         };
         return Some(format!("status would fail: {:?} ({kind})", e.code()));
@@ -79,20 +86,56 @@ fn respond(endpoint: &Endpoint, path: &str) -> Response<Full<Bytes>> {
 }
 
 /// Binds `address` (before the gRPC socket, so a taken port fails start-up).
-pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+pub async fn bind(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     if !address.ip().is_loopback() {
         warn!(%address, "metrics/health endpoint is not on a loopback address");
     }
-    TcpListener::bind(address).await
+    let listener = tokio::net::TcpListener::bind(address).await?.into_std()?;
+    Ok(listener)
 }
 
-/// Most concurrent HTTP connections; more are closed at once, so scrapers (or anyone local)
-/// cannot use up the file descriptors the gRPC socket needs.
-const MAX_CONNECTIONS: usize = 32;
+/// Most concurrent HTTP connections; at the limit the oldest is closed for the new one.
+pub const MAX_CONNECTIONS: usize = 64;
+/// The whole life of one connection: headers in, one response out.
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(1);
 
-/// Serves the endpoint until the task is dropped.
-pub async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+/// The endpoint's thread; stopped (and joined) by [`HttpServer::stop`].
+pub struct HttpServer {
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl HttpServer {
+    /// Serves `listener` on a thread of its own with a single-threaded runtime.
+    pub fn start(listener: std::net::TcpListener, endpoint: Arc<Endpoint>) -> std::io::Result<Self> {
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let thread = std::thread::Builder::new()
+            .name("kms-plugin-http".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => return warn!(error = %e, "metrics endpoint could not start"),
+                    };
+                    tokio::select! {
+                        _ = serve(listener, endpoint) => {}
+                        _ = stopped => {}
+                    }
+                })
+            })?;
+        Ok(Self { stop, thread })
+    }
+
+    /// Stops serving and waits for the thread (which holds key state) to end.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
+    }
+}
+
+async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>) {
+    let mut open: std::collections::VecDeque<tokio::task::AbortHandle> = Default::default();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
@@ -102,24 +145,33 @@ pub async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>) {
                 continue;
             }
         };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            debug!(%peer, "metrics endpoint busy; connection closed");
-            continue;
-        };
+        open.retain(|task| !task.is_finished());
+        if open.len() >= MAX_CONNECTIONS
+            && let Some(oldest) = open.pop_front()
+        {
+            oldest.abort();
+            debug!("metrics endpoint full; closed the oldest connection");
+        }
         let endpoint = Arc::clone(&endpoint);
-        tokio::spawn(async move {
-            let _slot = slot;
+        let task = tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let resp = respond(&endpoint, req.uri().path());
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(5))
+                .header_read_timeout(CONNECTION_DEADLINE)
+                .keep_alive(false)
                 .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "metrics connection ended with an error");
+            match tokio::time::timeout(CONNECTION_DEADLINE, conn).await {
+                Ok(Err(e)) => debug!(%peer, error = %e, "metrics connection ended with an error"),
+                Err(_) => debug!(%peer, "metrics connection took too long; closed"),
+                Ok(Ok(())) => {}
             }
         });
+        open.push_back(task.abort_handle());
+        // Let the new connection's task read its request before the next accept: a burst of
+        // connections must not evict it before it was ever polled.
+        tokio::task::yield_now().await;
     }
 }

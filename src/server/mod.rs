@@ -1,5 +1,13 @@
-//! Serving: the gRPC server on the bound socket, and bounded graceful shutdown.
+//! Serving: the gRPC server on the bound socket, its limits, and bounded graceful shutdown.
+//!
+//! What peers with access to the socket can make the process buffer, at most (SECURITY.md):
+//! `socket.max_connections` connections ([`connections`]) × [`MAX_STREAMS_PER_CONNECTION`]
+//! calls × [`MAX_REQUEST_BYTES`] per request, plus [`CONNECTION_WINDOW`] bytes per connection
+//! received but not yet read; a request body that stalls is failed after
+//! [`edge::BODY_TIMEOUT`]. With the defaults: 64 × 32 × 8 KiB + 64 × 64 KiB = 20 MiB.
 
+pub mod connections;
+pub mod edge;
 pub mod socket;
 
 use std::future::Future;
@@ -8,19 +16,44 @@ use std::time::Duration;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use std::sync::Arc;
+
 use tokio_stream::Stream;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::proto::v2::key_management_service_server::KeyManagementServiceServer;
 use crate::service::KmsService;
+use connections::{Connections, Tracked};
 
-/// Largest request the server decodes; anything bigger is refused before it is parsed.
-/// Generous over the contract's limits (1 KiB ciphertext + 32 KiB annotations).
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Aborts a background task when the serving function returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
-/// Which peers may connect, by SO_PEERCRED; empty lists allow everyone the socket's file
-/// permissions allow.
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Largest request the server decodes; a bigger one is refused with ResourceExhausted before it
+/// is buffered whole. The largest request this plugin can legitimately get is a Decrypt of its
+/// own output: key_id (at most 1 KiB), a 61-byte ciphertext, and a wrapped KEK that no backend
+/// makes longer than a few hundred bytes.
+pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// Concurrent calls (HTTP/2 streams) a client may open on one connection; more wait in the
+/// client. The apiserver multiplexes every call on one connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+/// HTTP/2 flow-control windows: bytes a peer may send ahead of what the server has read.
+pub const CONNECTION_WINDOW: u32 = 64 * 1024;
+pub const STREAM_WINDOW: u32 = 32 * 1024;
+/// The longest a call may take, body included; the apiserver's own deadline is shorter.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Which peers may connect, by SO_PEERCRED (the peer's uid and primary gid when it connected,
+/// as the kernel recorded them: no race with the peer changing identity later). Empty lists
+/// allow everyone the socket's file permissions allow; otherwise a peer is admitted when its uid
+/// is in `uids` OR its primary gid is in `gids`. Supplementary groups are not consulted: the
+/// kernel does not record them with the connection, and reading them from /proc would race.
 #[derive(Debug, Clone, Default)]
 pub struct PeerPolicy {
     pub uids: Vec<u32>,
@@ -34,8 +67,7 @@ impl PeerPolicy {
         }
         match stream.peer_cred() {
             Ok(cred) => {
-                let ok = (self.uids.is_empty() || self.uids.contains(&cred.uid()))
-                    && (self.gids.is_empty() || self.gids.contains(&cred.gid()));
+                let ok = self.uids.contains(&cred.uid()) || self.gids.contains(&cred.gid());
                 if !ok {
                     warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "connection refused by the peer allow-list");
                 }
@@ -54,11 +86,12 @@ impl PeerPolicy {
 struct Incoming {
     listener: tokio::net::UnixListener,
     peers: PeerPolicy,
+    connections: Arc<Connections>,
     backoff: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Stream for Incoming {
-    type Item = std::io::Result<tokio::net::UnixStream>;
+    type Item = std::io::Result<Tracked>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
@@ -67,7 +100,11 @@ impl Stream for Incoming {
                 self.backoff = None;
             }
             match ready!(self.listener.poll_accept(cx)) {
-                Ok((stream, _)) if self.peers.allows(&stream) => return Poll::Ready(Some(Ok(stream))),
+                Ok((stream, _)) if self.peers.allows(&stream) => {
+                    if let Some(tracked) = self.connections.admit(stream) {
+                        return Poll::Ready(Some(Ok(tracked)));
+                    }
+                }
                 Ok(_) => continue,
                 Err(e) => {
                     warn!(error = %e, "accept failed; pausing 100 ms");
@@ -84,19 +121,33 @@ pub async fn serve(
     listener: tokio::net::UnixListener,
     service: KmsService,
     peers: PeerPolicy,
+    connections: Arc<Connections>,
     grace: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let edge = edge::EdgeLayer::new(service.call_counter(), MAX_REQUEST_BYTES);
     let grpc = KeyManagementServiceServer::new(service)
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_REQUEST_BYTES);
+    let sweeper = tokio::spawn(Arc::clone(&connections).sweep());
+    let _stop_sweeper = AbortOnDrop(sweeper);
     let incoming = Incoming {
         listener,
         peers,
+        connections,
         backoff: None,
     };
     let server = Server::builder()
+        .timeout(CALL_TIMEOUT)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .http2_max_header_list_size(16 * 1024)
+        // Finds peers that stopped answering (frozen, or gone without closing).
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(edge)
         .add_service(grpc)
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;

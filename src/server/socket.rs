@@ -1,8 +1,10 @@
 //! The Unix socket the apiserver dials: creation, permissions, stale-socket handling, removal.
 //!
-//! Rules: a missing parent directory is created 0750; an existing path that is a socket nobody
-//! answers on is stale and replaced; a live socket or a non-socket path stops start-up and is
-//! left untouched. Abstract sockets (`@name`) have no file and no permissions: any process in
+//! Rules: a missing parent directory is created 0750; an existing parent directory must be
+//! owned by this user or root and not writable by group or others (who could unlink the socket
+//! and bind their own in its place, and receive the apiserver's seeds); an existing path that is
+//! a socket nobody answers on is stale and replaced; a live socket or a non-socket path stops
+//! start-up and is left untouched. Abstract sockets (`@name`) have no file and no permissions: any process in
 //! the network namespace can connect, so prefer a path on a shared host.
 
 use std::fmt;
@@ -85,6 +87,39 @@ pub enum SocketError {
     },
     #[error("socket group {0:?} not found in /etc/group")]
     UnknownGroup(String),
+    #[error(
+        "socket directory {dir} (mode {mode:o}, uid {uid}) is writable by group or others or owned by another user: they could replace the socket; use a directory only this user or root can write (e.g. chmod 750)"
+    )]
+    UnsafeDirectory { dir: PathBuf, mode: u32, uid: u32 },
+}
+
+/// Checks what can be checked before binding (for `kms-plugin check`): the group exists and
+/// the socket's directory, if it exists, is safe.
+pub fn preflight(address: &SocketAddress, group: Option<&str>) -> Result<(), SocketError> {
+    group.map(resolve_group).transpose()?;
+    if let SocketAddress::Path(path) = address
+        && let Some(parent) = path.parent().filter(|p| p.exists())
+    {
+        check_directory(address, parent)?;
+    }
+    Ok(())
+}
+
+fn check_directory(address: &SocketAddress, dir: &Path) -> Result<(), SocketError> {
+    let meta = fs::metadata(dir).map_err(|source| SocketError::Io {
+        addr: address.clone(),
+        what: "stat parent directory",
+        source,
+    })?;
+    let me = rustix::process::geteuid().as_raw();
+    if meta.mode() & 0o022 != 0 || (meta.uid() != me && meta.uid() != 0) {
+        return Err(SocketError::UnsafeDirectory {
+            dir: dir.to_owned(),
+            mode: meta.mode() & 0o7777,
+            uid: meta.uid(),
+        });
+    }
+    Ok(())
 }
 
 /// Removes the socket file when dropped (after the server has stopped).
@@ -162,12 +197,15 @@ fn prepare_path(address: &SocketAddress, path: &Path) -> Result<(), SocketError>
         let addr = address.clone();
         move |source| SocketError::Io { addr, what, source }
     };
-    if let Some(parent) = path.parent().filter(|p| !p.exists()) {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o750)
-            .create(parent)
-            .map_err(io_err("create parent directory"))?;
+    if let Some(parent) = path.parent() {
+        if !parent.exists() {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(parent)
+                .map_err(io_err("create parent directory"))?;
+        }
+        check_directory(address, parent)?;
     }
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),

@@ -1,6 +1,7 @@
 //! The gRPC surface: `v2.KeyManagementService`. This file only dispatches and logs; each
 //! method lives in its own module that checks its request into a small value, then acts.
 
+pub mod codec;
 mod decrypt;
 mod encrypt;
 mod status;
@@ -24,6 +25,40 @@ use crate::proto::v2::{
     DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
 };
 use crate::settings::ApiVersion;
+
+/// Put into each request's extensions by the server's edge layer; a handler marks it when it
+/// runs, so the edge logs and counts only the calls refused before any handler (the handler
+/// logs and counts its own).
+#[derive(Clone, Default)]
+pub struct Handled(Arc<std::sync::atomic::AtomicBool>);
+
+impl Handled {
+    fn mark<T>(request: &Request<T>) {
+        if let Some(h) = request.extensions().get::<Handled>() {
+            h.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a handler took the call.
+    pub fn ran(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Counts calls in `grpc_requests_total` by method and code.
+#[derive(Clone)]
+pub struct CallCounter(Family<MethodCode, Counter>);
+
+impl CallCounter {
+    pub fn count(&self, method: &'static str, code: Code) {
+        self.0
+            .get_or_create(&MethodCode {
+                method,
+                code: code_label(code),
+            })
+            .inc();
+    }
+}
 
 /// The KMS v2 service over a shared key hierarchy.
 #[derive(Clone)]
@@ -63,17 +98,25 @@ fn grpc_histogram() -> Histogram {
 }
 
 /// The gRPC code's canonical name, as a bounded label.
-fn code_label(code: Code) -> &'static str {
+pub(crate) fn code_label(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
+        Code::Cancelled => "Cancelled",
+        Code::Unknown => "Unknown",
         Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
         Code::NotFound => "NotFound",
-        Code::DataLoss => "DataLoss",
-        Code::Unavailable => "Unavailable",
+        Code::AlreadyExists => "AlreadyExists",
         Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
         Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
         Code::Internal => "Internal",
-        _ => "Other",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
     }
 }
 
@@ -93,6 +136,11 @@ impl KmsService {
                 latency,
             },
         }
+    }
+
+    /// The request counter, for calls refused before a handler.
+    pub fn call_counter(&self) -> CallCounter {
+        CallCounter(self.metrics.requests.clone())
     }
 
     /// Registers the request metrics into `registry`.
@@ -160,8 +208,9 @@ fn log_outcome<T>(
 
 #[tonic::async_trait]
 impl KeyManagementService for KmsService {
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let started = Instant::now();
+        Handled::mark(&request);
         let result = status::handle(&self.keys, self.version);
         let key_id = result.as_ref().map(|r| r.key_id.clone()).unwrap_or_default();
         self.finish("Status", "", &key_id, started, result)
@@ -169,6 +218,7 @@ impl KeyManagementService for KmsService {
 
     async fn encrypt(&self, request: Request<EncryptRequest>) -> Result<Response<EncryptResponse>, Status> {
         let started = Instant::now();
+        Handled::mark(&request);
         let request = request.into_inner();
         let uid = request.uid.clone();
         let result = encrypt::handle(&self.keys, request).await;
@@ -178,6 +228,7 @@ impl KeyManagementService for KmsService {
 
     async fn decrypt(&self, request: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
         let started = Instant::now();
+        Handled::mark(&request);
         let request = request.into_inner();
         let result = decrypt::handle(&self.keys, &request).await;
         self.finish("Decrypt", &request.uid, &request.key_id, started, result)

@@ -1,0 +1,193 @@
+//! Reading secrets from files (root keys, PINs): the checks every such file passes.
+//!
+//! - opened once and without blocking, so a FIFO or a device cannot hang start-up, and every
+//!   check is made on the opened file: the file checked is the file read;
+//! - a regular file, owned by this process's user or by root;
+//! - its mode denies the bits the caller names (group and others, for a root key);
+//! - the directory it is in (and the directory of the file a symlink points to) is owned by
+//!   this user or root and not writable by group or others, who could otherwise swap the file;
+//! - read whole into a zeroizing buffer, up to a bound.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+/// What a caller requires of its secret file.
+pub struct Policy {
+    /// Permission bits that must be clear (0o077: no group or other access).
+    pub deny_mode: u32,
+    /// Largest file accepted, in bytes.
+    pub max_len: u64,
+}
+
+/// Why a secret file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretFileError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a regular file")]
+    NotAFile { path: PathBuf },
+    #[error("{path} has mode {mode:o}: it must not be readable or writable by {who} (chmod {fix:o})")]
+    TooOpen {
+        path: PathBuf,
+        mode: u32,
+        who: &'static str,
+        fix: u32,
+    },
+    #[error("{path} is owned by uid {uid}: it must be owned by this process's user ({me}) or root")]
+    WrongOwner { path: PathBuf, uid: u32, me: u32 },
+    #[error(
+        "{path}: its directory {dir} (mode {mode:o}, uid {uid}) is writable by group or others or owned by another user, who could replace the file"
+    )]
+    UnsafeDirectory {
+        path: PathBuf,
+        dir: PathBuf,
+        mode: u32,
+        uid: u32,
+    },
+    #[error("{path} is larger than {max} bytes")]
+    TooLong { path: PathBuf, max: u64 },
+}
+
+/// Opens, checks and reads `path` under `policy`.
+pub fn read(path: &Path, policy: &Policy) -> Result<Zeroizing<Vec<u8>>, SecretFileError> {
+    let (mut file, meta) = open(path, policy)?;
+    let mut buf = Zeroizing::new(Vec::with_capacity(meta.len().min(policy.max_len) as usize + 1));
+    (&mut file)
+        .take(policy.max_len + 1)
+        .read_to_end(&mut buf)
+        .map_err(|source| io(path, source))?;
+    if buf.len() as u64 > policy.max_len {
+        return Err(SecretFileError::TooLong {
+            path: path.to_owned(),
+            max: policy.max_len,
+        });
+    }
+    Ok(buf)
+}
+
+/// Opens `path` without blocking and runs every check on the opened file.
+pub fn open(path: &Path, policy: &Policy) -> Result<(File, fs::Metadata), SecretFileError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(|source| io(path, source))?;
+    let meta = file.metadata().map_err(|source| io(path, source))?;
+    if !meta.is_file() {
+        return Err(SecretFileError::NotAFile { path: path.to_owned() });
+    }
+    if meta.mode() & policy.deny_mode != 0 {
+        return Err(SecretFileError::TooOpen {
+            path: path.to_owned(),
+            mode: meta.mode() & 0o7777,
+            who: if policy.deny_mode & 0o070 != 0 {
+                "group or others"
+            } else {
+                "others"
+            },
+            fix: meta.mode() & 0o777 & !policy.deny_mode,
+        });
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(SecretFileError::WrongOwner {
+            path: path.to_owned(),
+            uid: meta.uid(),
+            me,
+        });
+    }
+    let real = fs::canonicalize(path).map_err(|source| io(path, source))?;
+    let given_dir = std::path::absolute(path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_owned));
+    for dir in [given_dir, real.parent().map(Path::to_owned)].into_iter().flatten() {
+        check_directory(path, &dir, me)?;
+    }
+    Ok((file, meta))
+}
+
+fn check_directory(path: &Path, dir: &Path, me: u32) -> Result<(), SecretFileError> {
+    let meta = fs::metadata(dir).map_err(|source| io(dir, source))?;
+    if meta.mode() & 0o022 != 0 || (meta.uid() != me && meta.uid() != 0) {
+        return Err(SecretFileError::UnsafeDirectory {
+            path: path.to_owned(),
+            dir: dir.to_owned(),
+            mode: meta.mode() & 0o7777,
+            uid: meta.uid(),
+        });
+    }
+    Ok(())
+}
+
+fn io(path: &Path, source: std::io::Error) -> SecretFileError {
+    SecretFileError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    const KEY: Policy = Policy {
+        deny_mode: 0o077,
+        max_len: 64,
+    };
+
+    #[test]
+    fn refuses_what_others_could_read_swap_or_block_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k");
+        fs::write(&p, b"secret").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(&read(&p, &KEY).unwrap()[..], b"secret");
+
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(
+            read(&p, &KEY),
+            Err(SecretFileError::TooOpen { mode: 0o640, .. })
+        ));
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        let e = read(&p, &KEY).unwrap_err();
+        assert!(matches!(e, SecretFileError::UnsafeDirectory { .. }), "{e}");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
+
+        // A symlink from a safe directory into an unsafe one is refused too.
+        let open_dir = dir.path().join("open");
+        fs::create_dir(&open_dir).unwrap();
+        fs::set_permissions(&open_dir, fs::Permissions::from_mode(0o733)).unwrap();
+        let target = open_dir.join("k");
+        fs::write(&target, b"x").unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o600)).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(matches!(
+            read(&link, &KEY),
+            Err(SecretFileError::UnsafeDirectory { .. })
+        ));
+
+        fs::write(&p, [1u8; 65]).unwrap();
+        assert!(matches!(read(&p, &KEY), Err(SecretFileError::TooLong { .. })));
+
+        // A FIFO is refused at once instead of blocking the open.
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        assert!(matches!(read(&fifo, &KEY), Err(SecretFileError::NotAFile { .. })));
+        assert!(matches!(read(dir.path(), &KEY), Err(SecretFileError::NotAFile { .. })));
+    }
+}

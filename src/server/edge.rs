@@ -1,0 +1,222 @@
+//! The tower layer at the edge of the gRPC server, around every call before it is routed:
+//!
+//! - gives the request body [`BODY_TIMEOUT`] to arrive whole: a stream that stalls half-way
+//!   is failed, so it holds its buffer and its stream slot only that long;
+//! - marks the call in progress on its connection once its request is complete, until its
+//!   response is ready (the connection table never evicts a connection with a call being
+//!   served, while a connection holding only stalled requests can be evicted);
+//! - turns tonic's `OutOfRange` for a request over the size limit into `ResourceExhausted`, the
+//!   code the gRPC spec gives a message over the receive limit;
+//! - counts and logs every call refused before it reached a handler (size, protobuf decoding,
+//!   unknown method), which the handlers cannot see.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use tonic::Status;
+
+use tonic::Code;
+use tonic::body::Body;
+use tonic::codegen::http::{HeaderValue, Request, Response};
+use tower::{Layer, Service};
+use tracing::warn;
+
+use super::connections::{CallGuard, Conn, ConnInfo};
+use crate::service::{CallCounter, Handled, code_label};
+
+/// How long a request's body may take to arrive after its headers. The apiserver sends both
+/// at once.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Builds [`Edge`] services.
+#[derive(Clone)]
+pub struct EdgeLayer {
+    counter: CallCounter,
+    max_request_bytes: usize,
+}
+
+impl EdgeLayer {
+    pub fn new(counter: CallCounter, max_request_bytes: usize) -> Self {
+        Self {
+            counter,
+            max_request_bytes,
+        }
+    }
+}
+
+impl<S> Layer<S> for EdgeLayer {
+    type Service = Edge<S>;
+
+    fn layer(&self, inner: S) -> Edge<S> {
+        Edge {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// See the module documentation.
+#[derive(Clone)]
+pub struct Edge<S> {
+    inner: S,
+    layer: EdgeLayer,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S> Service<Request<Body>> for Edge<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Response<Body>, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        // The clone is ready only after poll_ready; keep the ready one for this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            // Held until the response is ready; set when the request body is complete.
+            let in_progress = Arc::new(OnceLock::new());
+            let conn = request.extensions().get::<ConnInfo>().map(|c| Arc::clone(&c.0));
+            let request = request.map(|body| {
+                Body::new(RequestBody {
+                    inner: body,
+                    started: Instant::now(),
+                    deadline: None,
+                    conn,
+                    in_progress: Arc::clone(&in_progress),
+                })
+            });
+            let mut request = request;
+            let handled = Handled::default();
+            request.extensions_mut().insert(handled.clone());
+            let method = method_name(request.uri().path());
+            let mut response = inner.call(request).await?;
+            drop(in_progress);
+            let code = grpc_status(&response);
+            if code == Some(Code::OutOfRange) {
+                let msg = format!("request larger than the {}-byte limit", layer.max_request_bytes);
+                let headers = response.headers_mut();
+                headers.insert("grpc-status", HeaderValue::from(Code::ResourceExhausted as i32));
+                headers.insert("grpc-message", HeaderValue::try_from(msg).expect("ASCII"));
+            }
+            if !handled.ran()
+                && let Some(code) = grpc_status(&response).filter(|c| *c != Code::Ok)
+            {
+                layer.counter.count(method, code);
+                let message = response
+                    .headers()
+                    .get("grpc-message")
+                    .and_then(|m| m.to_str().ok())
+                    .unwrap_or("")
+                    .chars()
+                    .take(200)
+                    .collect::<String>();
+                warn!(
+                    method,
+                    code = code_label(code),
+                    message,
+                    "request refused before reaching a handler"
+                );
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// The method's name as a bounded label.
+fn method_name(path: &str) -> &'static str {
+    match path.strip_prefix("/v2.KeyManagementService/") {
+        Some("Status") => "Status",
+        Some("Encrypt") => "Encrypt",
+        Some("Decrypt") => "Decrypt",
+        _ => "other",
+    }
+}
+
+/// The grpc-status of a trailers-only response (how tonic answers a call it refuses early);
+/// None when the status will come in the trailers.
+fn grpc_status(response: &Response<Body>) -> Option<Code> {
+    let value = response
+        .headers()
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .parse::<i32>()
+        .ok()?;
+    Some(Code::from_i32(value))
+}
+
+/// A request body with a deadline, that marks its call in progress once it is complete.
+struct RequestBody {
+    inner: Body,
+    started: Instant,
+    /// Made only if the body is not all there at the first read (never, for the apiserver).
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    conn: Option<Arc<Conn>>,
+    in_progress: Arc<OnceLock<CallGuard>>,
+}
+
+impl RequestBody {
+    fn complete(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let _ = self.in_progress.set(conn.begin_call());
+        }
+    }
+}
+
+impl HttpBody for RequestBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(None) => {
+                this.complete();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(frame)) => {
+                if this.inner.is_end_stream() {
+                    this.complete();
+                }
+                Poll::Ready(Some(frame))
+            }
+            Poll::Pending => {
+                let started = this.started;
+                let deadline = this
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until((started + BODY_TIMEOUT).into())));
+                match deadline.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
+                        "request body not received within {} s",
+                        BODY_TIMEOUT.as_secs()
+                    ))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
