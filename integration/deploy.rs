@@ -409,6 +409,7 @@ fn binary_and_config_paths_agree() {
         ("NoNewPrivileges", "yes"),
         ("CapabilityBoundingSet", ""),
         ("LimitCORE", "0"),
+        ("LimitNOFILE", "4096"),
         ("ProtectSystem", "strict"),
     ] {
         assert_eq!(unit_value(&service, key), want, "kms-plugin.service: {key}");

@@ -290,6 +290,13 @@ async fn malformed_and_oversized_requests_get_precise_codes_logs_and_counts() {
     let (code, message) = raw::call(&send, "Decrypt", raw::frame(&vec![0x0a; 20_000])).await;
     assert_eq!(code, Code::ResourceExhausted as i32, "{message}");
     assert!(message.contains("8192"), "{message}");
+    // Half a message, then nothing: failed after the body deadline.
+    let started = Instant::now();
+    let mut half = raw::frame(&[0x0a; 100]);
+    half.truncate(50);
+    let (code, message) = raw::call_ending(&send, "Decrypt", half, false).await;
+    assert_eq!(code, Code::DeadlineExceeded as i32, "{message}");
+    assert!(started.elapsed() < Duration::from_secs(5));
     assert!(plugin.wait_log("request refused before reaching a handler").await);
     let (_, m) = plugin.http_get("/metrics").await;
     for needle in [
@@ -297,6 +304,7 @@ async fn malformed_and_oversized_requests_get_precise_codes_logs_and_counts() {
         "kms_plugin_grpc_requests_total{method=\"Encrypt\",code=\"InvalidArgument\"} 1",
         "kms_plugin_grpc_requests_total{method=\"Status\",code=\"InvalidArgument\"} 1",
         "kms_plugin_grpc_requests_total{method=\"Decrypt\",code=\"ResourceExhausted\"} 1",
+        "kms_plugin_grpc_requests_total{method=\"Decrypt\",code=\"DeadlineExceeded\"} 1",
     ] {
         assert!(m.contains(needle), "missing {needle:?} in\n{m}");
     }

@@ -35,9 +35,14 @@ fn request(method: &str) -> http::Request<()> {
 
 /// Sends `body` (framed already) as one call and returns (grpc-status, grpc-message).
 pub async fn call(send: &SendRequest<Bytes>, method: &str, body: Vec<u8>) -> (i32, String) {
+    call_ending(send, method, body, true).await
+}
+
+/// Like [`call`], but with `end = false` the request body never ends.
+pub async fn call_ending(send: &SendRequest<Bytes>, method: &str, body: Vec<u8>, end: bool) -> (i32, String) {
     let mut send = send.clone().ready().await.unwrap();
     let (response, mut stream) = send.send_request(request(method), false).unwrap();
-    stream.send_data(Bytes::from(body), true).unwrap();
+    stream.send_data(Bytes::from(body), end).unwrap();
     let response = response.await.unwrap();
     let status = |h: &http::HeaderMap| {
         h.get("grpc-status").map(|code| {
