@@ -458,4 +458,30 @@ mod tests {
         assert_eq!(cache.stats.misses.get(), 3 * MAX_INFLIGHT as u64);
         assert_eq!(cache.stats.busy.get(), 0);
     }
+
+    #[tokio::test]
+    async fn a_full_queue_is_busy_at_once() {
+        let cache = KekCache::new(NonZeroUsize::new(4).unwrap());
+        let mut tasks = Vec::new();
+        // Every slot taken by an unwrap that never ends, and the queue filled behind them.
+        for i in 0..(MAX_INFLIGHT + MAX_WAITING) {
+            let cache = Arc::clone(&cache);
+            tasks.push(tokio::spawn(async move {
+                let r = KekRef::new("k", &i.to_be_bytes());
+                let _ = cache.get_or_fetch(r, "k", std::future::pending).await;
+            }));
+        }
+        while cache.waiting.load(Relaxed) < MAX_WAITING {
+            tokio::task::yield_now().await;
+        }
+        let r = KekRef::new("k", b"one more");
+        let started = std::time::Instant::now();
+        let e = cache.get_or_fetch(r, "k", std::future::pending).await.err().unwrap();
+        assert!(matches!(e, Miss::Busy), "{e:?}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(cache.stats.busy.get(), 1);
+        for t in tasks {
+            t.abort();
+        }
+    }
 }
