@@ -109,6 +109,7 @@ pub async fn build_backend(settings: &Settings) -> Result<Arc<dyn Backend>, Star
                     .map_err(StartError::Backend)?,
             )
         }
+        BackendSettings::Vault(v) => Arc::new(backend::vault::VaultBackend::new(v).map_err(StartError::Backend)?),
     };
     Ok(match settings.bench.backend_latency {
         Some(latency) => {

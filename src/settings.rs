@@ -152,13 +152,14 @@ impl Settings {
     }
 }
 
-/// Which remote KMS holds the root key: `[backend]` with `type = "local" | "pkcs11" | "aws"`
+/// Which remote KMS holds the root key: `[backend]` with `type = "local" | "pkcs11" | "aws" | "vault"`
 /// and that backend's fields beside it.
 #[derive(Debug, Clone)]
 pub enum BackendSettings {
     Local(LocalSettings),
     Pkcs11(Pkcs11Settings),
     Aws(AwsSettings),
+    Vault(crate::backend::vault::VaultSettings),
 }
 
 /// Root keys in local files (the embedded default).
@@ -347,7 +348,8 @@ fn default_grace() -> Duration {
     Duration::from_secs(10)
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+/// A humantime duration ("30s", "7d").
+pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
 }
@@ -476,7 +478,8 @@ impl Settings {
         let config = builder.build().map_err(|e| SettingsError(e.to_string()))?;
         if config.get_table("backend").is_err() {
             return Err(SettingsError(
-                "backend: missing; add a [backend] section with type = \"local\", \"pkcs11\" or \"aws\"".into(),
+                "backend: missing; add a [backend] section with type = \"local\", \"pkcs11\", \"aws\" or \"vault\""
+                    .into(),
             ));
         }
         let mut settings: Settings = config
@@ -485,7 +488,7 @@ impl Settings {
             .map_err(|e| SettingsError(e.to_string()))?;
         let kind = config.get_string("backend.type").map_err(|_| {
             SettingsError(
-                "backend.type: missing; add a [backend] section with type = \"local\", \"pkcs11\" or \"aws\"".into(),
+                "backend.type: missing; add a [backend] section with type = \"local\", \"pkcs11\", \"aws\" or \"vault\"".into(),
             )
         })?;
         // A config of its own for the backend table, so errors carry the field's path.
@@ -508,9 +511,10 @@ impl Settings {
             "local" => BackendSettings::Local(get(&sub)?),
             "pkcs11" => BackendSettings::Pkcs11(get(&sub)?),
             "aws" => BackendSettings::Aws(get(&sub)?),
+            "vault" => BackendSettings::Vault(get(&sub)?),
             other => {
                 return Err(SettingsError(format!(
-                    "backend.type: unknown backend {other:?} (local, pkcs11 or aws)"
+                    "backend.type: unknown backend {other:?} (local, pkcs11, aws or vault)"
                 )));
             }
         };

@@ -36,6 +36,10 @@ impl Backend for Delayed {
         self.inner.knows(key_id)
     }
 
+    fn refuses(&self, key_id: &str) -> Option<BackendError> {
+        self.inner.refuses(key_id)
+    }
+
     async fn wrap(&self, kek: &Kek) -> Result<Wrapped, BackendError> {
         tokio::time::sleep(self.latency).await;
         self.inner.wrap(kek).await

@@ -9,6 +9,7 @@ pub mod delay;
 pub mod local;
 pub mod pkcs11;
 pub mod refused;
+pub mod vault;
 
 use async_trait::async_trait;
 
@@ -72,6 +73,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Unwraps `blob` under the root key named `key_id`.
     async fn unwrap(&self, key_id: &str, blob: &[u8]) -> Result<Kek, BackendError>;
+
+    /// Why `key_id`, a key this backend knows, must not be used now (a version retired by the
+    /// key manager, a deleted key), from what the last probe saw. In memory: called on every
+    /// Decrypt, before the KEK cache.
+    fn refuses(&self, _key_id: &str) -> Option<BackendError> {
+        None
+    }
 
     /// Longest wrapped KEK this backend produces; longer ones are refused before any call.
     fn max_wrapped_len(&self) -> usize {

@@ -294,6 +294,14 @@ impl Keys {
         if !self.backend.knows(key_id) {
             return Err(Error::UnknownKeyId);
         }
+        if let Some(e) = self.backend.refuses(key_id) {
+            // A retired version or deleted key: its cached KEKs go too.
+            let purged = self.cache.purge_key(key_id);
+            if purged > 0 {
+                warn!(error = %e, key_id_hash = %KeyIdHash(key_id), purged_keks = purged, "root key version refused by the backend: cached KEKs purged");
+            }
+            return Err(Error::Backend(e));
+        }
         {
             // The backend itself may still answer (or a compatible server may not enforce key
             // state); a root key the probe found revoked is not used until it recovers.

@@ -1,0 +1,231 @@
+//! The HTTP side of the Vault backend: one pooled HTTPS client (rustls, ring), the request
+//! helper that every Vault call goes through, and what an HTTP outcome means as a
+//! [`BackendError`] kind.
+//!
+//! Plain `http://` is accepted only for a loopback address (a local Vault Agent, a dev server):
+//! anything else carries KEKs and tokens over the network and must be `https://`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Method, Request};
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::Value;
+
+use crate::backend::{BackendError, ErrorKind};
+
+/// Largest Vault response read.
+const MAX_RESPONSE: usize = 1 << 20;
+
+/// TLS material and the server's address.
+pub struct Endpoint<'a> {
+    pub address: &'a str,
+    pub ca_file: Option<&'a Path>,
+    pub client_cert_file: Option<&'a Path>,
+    pub client_key_file: Option<&'a Path>,
+    pub tls_server_name: Option<&'a str>,
+    pub namespace: Option<&'a str>,
+    pub timeout: Duration,
+}
+
+/// A Vault HTTP API client.
+pub struct Http {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    base: String,
+    namespace: Option<String>,
+    timeout: Duration,
+}
+
+/// A Vault answer: HTTP status and JSON body (`Null` when empty).
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Reply {
+    /// The first of Vault's `errors`, for logs.
+    pub fn error_text(&self) -> String {
+        let text = self.body["errors"]
+            .as_array()
+            .and_then(|e| e.first())
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        format!("HTTP {}: {}", self.status, text.chars().take(200).collect::<String>())
+    }
+}
+
+impl Http {
+    /// Builds the client; errors name the setting at fault.
+    pub fn new(endpoint: &Endpoint<'_>) -> Result<Self, String> {
+        let base = endpoint.address.trim_end_matches('/').to_string();
+        let uri: hyper::Uri = base.parse().map_err(|e| format!("address {base:?}: {e}"))?;
+        match uri.scheme_str() {
+            Some("https") => {}
+            Some("http") if is_loopback(uri.host().unwrap_or("")) => {
+                tracing::warn!(address = %base, "vault: plain http to a loopback address (a local agent or dev server)")
+            }
+            _ => {
+                return Err(format!(
+                    "address {base:?}: must be https:// (http:// only to a loopback address)"
+                ));
+            }
+        }
+        let tls = tls_config(endpoint)?;
+        let builder = HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+        let builder = match endpoint.tls_server_name {
+            Some(name) => {
+                let name =
+                    ServerName::try_from(name.to_string()).map_err(|e| format!("tls_server_name {name:?}: {e}"))?;
+                builder.with_server_name_resolver(FixedServerNameResolver::new(name))
+            }
+            None => builder,
+        };
+        let connector = builder.enable_http1().build();
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Ok(Self {
+            client,
+            base,
+            namespace: endpoint.namespace.map(str::to_string),
+            timeout: endpoint.timeout,
+        })
+    }
+
+    /// One API call: `path` is below `/v1/`. Transport failures and timeouts are
+    /// [`ErrorKind::Transient`]; any HTTP answer is returned for the caller to judge.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> Result<Reply, BackendError> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("{}/v1/{path}", self.base))
+            .header("content-type", "application/json");
+        if let Some(token) = token {
+            request = request.header("x-vault-token", token);
+        }
+        if let Some(ns) = &self.namespace {
+            request = request.header("x-vault-namespace", ns.as_str());
+        }
+        let payload = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let request = request
+            .body(Full::new(payload))
+            .map_err(|e| BackendError::new(ErrorKind::Transient, format!("vault request: {e}")))?;
+        let call = async {
+            let response =
+                self.client.request(request).await.map_err(|e| {
+                    BackendError::new(ErrorKind::Transient, format!("vault {path}: {}", error_chain(&e)))
+                })?;
+            let status = response.status().as_u16();
+            let bytes = Limited::new(response.into_body(), MAX_RESPONSE)
+                .collect()
+                .await
+                .map_err(|e| BackendError::new(ErrorKind::Transient, format!("vault {path}: reading the answer: {e}")))?
+                .to_bytes();
+            let body = if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+            };
+            Ok(Reply { status, body })
+        };
+        tokio::time::timeout(self.timeout, call).await.unwrap_or_else(|_| {
+            Err(BackendError::new(
+                ErrorKind::Transient,
+                format!("vault {path}: no answer within {} ms", self.timeout.as_millis()),
+            ))
+        })
+    }
+}
+
+/// What an HTTP error status means, before any operation-specific reading of a 400.
+pub fn kind_of(status: u16) -> ErrorKind {
+    match status {
+        401 | 403 => ErrorKind::Denied,
+        404 => ErrorKind::KeyUnusable,
+        400 => ErrorKind::BadWrappedKey,
+        // 429, sealed or standby (503), other 5xx, and anything unexpected: retry later.
+        _ => ErrorKind::Transient,
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn tls_config(endpoint: &Endpoint<'_>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match endpoint.ca_file {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| format!("ca_file {}: {e}", path.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!("ca_file {}: no PEM certificate in it", path.display()));
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(native.certs);
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("tls: {e}"))?
+        .with_root_certificates(roots);
+    match (endpoint.client_cert_file, endpoint.client_key_file) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .map_err(|e| format!("client_cert_file {}: {e}", cert.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("client_cert_file {}: {e}", cert.display()))?;
+            let policy = crate::secret_file::Policy {
+                deny_mode: 0o077,
+                max_len: 64 * 1024,
+            };
+            let pem = crate::secret_file::read(key, &policy).map_err(|e| format!("client_key_file {e}"))?;
+            let key =
+                PrivateKeyDer::from_pem_slice(&pem).map_err(|e| format!("client_key_file {}: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("client certificate: {e}"))
+        }
+        (None, None) => Ok(builder.with_no_client_auth()),
+        _ => Err("set both client_cert_file and client_key_file, or neither".into()),
+    }
+}
+
+/// "outer: inner: root cause", so a connection error says what failed (refused, certificate…).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}
