@@ -11,6 +11,40 @@
 # samples the plugin's RSS idle and under load from /proc/PID/status. Raw JSON lines are kept in
 # $OUT (default: a temp file) for later comparison. Needs python3 for the table only.
 set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+Usage: bash scripts/bench.sh [-h|--help]
+
+Benchmarks kms-plugin end to end over its Unix socket (local backend, temp dir) with every
+kms-bench scenario, samples the plugin's RSS, and prints a markdown table (see BENCHMARKS.md).
+Builds the release binaries first unless BIN_DIR is set. Needs python3 for the table.
+
+Options:
+  -h, --help      print this help and exit
+
+Environment variables (defaults in brackets):
+  DURATION        measured time per scenario [10s]
+  WARMUP          warm-up before each scenario [2s]
+  CONNECTIONS     HTTP/2 connections for the concurrency-64 and cold-start runs [1]
+  THREADS         worker threads of the load generator (kms-bench) [1]
+  COLD_SEEDS      seeds decrypted in the cold-start scenario [10000]
+  COLD_KEKS       distinct KEKs in the cold-start scenario [8]
+  STARTS          plugin starts timed in the startup scenario [20]
+  BIN_DIR         directory with kms-plugin and kms-bench to use instead of building
+  CARGO_TARGET_DIR  where the release build goes when BIN_DIR is unset [target]
+  OUT             file for the raw JSON result lines [a temp file]
+  KMS_PLUGIN_*    configure the plugin under test, e.g. KMS_PLUGIN_PROCESS__WORKER_THREADS=2
+USAGE
+}
+# Parse before anything else, so --help or a typo never starts a build or a benchmark.
+for arg in "$@"; do
+  case "$arg" in
+    -h | --help) usage; exit 0 ;;
+    *) echo "bench.sh: unknown option: $arg" >&2; usage >&2; exit 2 ;;
+  esac
+done
+
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10s}
