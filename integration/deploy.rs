@@ -2,8 +2,10 @@
 //! socket path, one probe address, a hardened static pod, `kms` (v2) before `identity`.
 //!
 //! There is no YAML crate among the dependencies, so a reader for the block-style subset these
-//! files use is at the bottom; it refuses anything outside that subset. When python3 with PyYAML
-//! is installed, `yaml_reader_agrees_with_pyyaml` checks that both read every file the same way.
+//! files use is at the bottom; it refuses anything outside that subset.
+//! `yaml_reader_agrees_with_pyyaml` checks that it and PyYAML read every file the same way, with
+//! the project venv's interpreter (`.venv/bin/python`, which `integration/test.sh` sets up with
+//! PyYAML); it fails when that interpreter or PyYAML is missing.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -466,17 +468,25 @@ out = []
 flat(docs[0], "", out)
 print("\n".join(out))
 "#;
-    let has_pyyaml = Command::new("python3")
-        .args(["-c", "import yaml"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_pyyaml {
-        // Loud on purpose: the other tests still ran, with this file's reader only.
-        eprintln!("NOTE: python3 with PyYAML not found; deploy/*.yaml not cross-checked against PyYAML");
-        return;
+    // The venv's interpreter, not the system python3: a check that silently skips when PyYAML
+    // is absent would pass without testing anything.
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let probe = Command::new(&python).args(["-c", "import yaml"]).output();
+    match probe {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => panic!(
+            "{} cannot import PyYAML ({}); run integration/test.sh, or `{0} -m pip install pyyaml`",
+            python.display(),
+            // The traceback's last line: "ModuleNotFoundError: No module named 'yaml'".
+            String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or_default()
+        ),
+        Err(e) => panic!(
+            "cannot run {} ({e}); run integration/test.sh, which creates the venv with PyYAML",
+            python.display()
+        ),
     }
     for rel in YAML_FILES {
-        let out = Command::new("python3")
+        let out = Command::new(&python)
             .args(["-c", SCRIPT])
             .arg(deploy_path(rel))
             .output()

@@ -16,10 +16,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-# moto's server mode (a real AWS-KMS-compatible server) in a project-local venv.
-if ! .venv/bin/python -c 'import moto.server, flask' 2>/dev/null; then
+# A project-local venv: moto's server mode (a real AWS-KMS-compatible server), and PyYAML for the
+# deploy/*.yaml cross-check (integration/deploy.rs).
+if ! .venv/bin/python -c 'import moto.server, flask, yaml' 2>/dev/null; then
   python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check 'moto[server]>=5,<6'
+  .venv/bin/pip install -q --disable-pip-version-check 'moto[server]>=5,<6' pyyaml
 fi
 export KMS_TEST_MOTO_SERVER="$PWD/.venv/bin/moto_server"
 
