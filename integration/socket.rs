@@ -18,7 +18,9 @@ async fn creates_parent_dir_and_sets_modes() {
     plugin.stop().await;
     assert!(!socket.exists(), "socket must be removed on shutdown");
 
-    let extra = "[socket]\nmode = \"0660\"\ngroup = \"root\"";
+    // A group this process has (so the chown works without root), given as a number.
+    let gid = rustix::process::getegid().as_raw();
+    let extra = format!("[socket]\nmode = \"0660\"\ngroup = \"{gid}\"");
     // `extra` sets [socket] already; write this config by hand.
     let cfg = dir.path("group.toml");
     fs::write(
@@ -33,7 +35,7 @@ async fn creates_parent_dir_and_sets_modes() {
     let plugin = Plugin::start(&cfg).await;
     let meta = fs::symlink_metadata(&socket).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o660);
-    assert_eq!(meta.gid(), 0);
+    assert_eq!(meta.gid(), gid);
     plugin.stop().await;
 }
 
