@@ -18,8 +18,8 @@ async fn bad_encrypt_requests() {
     for (n, code) in [
         (0, Code::InvalidArgument),
         (996, Code::InvalidArgument),
-        (5_000, Code::InvalidArgument),
-        // Larger than the server reads at all (8 KiB): the gRPC code for "over the limit".
+        (3_000, Code::InvalidArgument),
+        // Larger than the server reads at all (4 KiB): the gRPC code for "over the limit".
         (60_000, Code::ResourceExhausted),
         (100_000, Code::ResourceExhausted),
     ] {

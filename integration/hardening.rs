@@ -124,15 +124,15 @@ async fn stalled_streams_and_idle_connections_cannot_exhaust_memory() {
     .unwrap();
     legitimate_calls_work(&plugin).await;
 
-    // 1,000 calls that each send all but the last 8 bytes of the largest message the plugin
-    // reads, and 100 that announce a message over the limit; none of them ever finishes.
+    // 2,700 calls that each send all but the last 8 bytes of the largest message the plugin
+    // reads, and 300 that announce a message over the limit; none of them ever finishes.
     let mut streams = Vec::new();
     let mut conns = Vec::new();
-    for _ in 0..20 {
+    for _ in 0..30 {
         let send = raw::connect(&plugin.socket).await;
-        for i in 0..55 {
-            let body = if i < 50 {
-                let mut b = raw::frame(&vec![0x0a; 8 * 1024]);
+        for i in 0..100 {
+            let body = if i < 90 {
+                let mut b = raw::frame(&vec![0x0a; 4 * 1024]);
                 b.truncate(b.len() - 8);
                 b
             } else {
@@ -161,12 +161,13 @@ async fn stalled_streams_and_idle_connections_cannot_exhaust_memory() {
         legitimate_calls_work(&plugin).await;
     }
     let (rss, peak) = plugin.memory_kib();
+    eprintln!("plugin RSS {rss} KiB, peak {peak} KiB");
     assert!(peak < 48 * 1024, "peak RSS {peak} KiB (now {rss} KiB)");
     let evicted = plugin
         .metric("kms_plugin_socket_connections_closed_total{reason=\"evicted\"}")
         .await;
     assert!(evicted >= 2900.0, "{evicted} connections evicted");
-    assert!(plugin.metric("kms_plugin_socket_connections ").await <= 64.0);
+    assert!(plugin.metric("kms_plugin_socket_connections ").await <= 16.0);
     drop((idle, streams, conns));
     legitimate_calls_work(&plugin).await;
     plugin.stop().await;
@@ -287,9 +288,9 @@ async fn malformed_and_oversized_requests_get_precise_codes_logs_and_counts() {
         let (code, message) = raw::call(&send, method, raw::frame(msg)).await;
         assert_eq!(code, Code::InvalidArgument as i32, "{what}: {message}");
     }
-    let (code, message) = raw::call(&send, "Decrypt", raw::frame(&vec![0x0a; 20_000])).await;
+    let (code, message) = raw::call(&send, "Decrypt", raw::frame(&vec![0x0a; 5_000])).await;
     assert_eq!(code, Code::ResourceExhausted as i32, "{message}");
-    assert!(message.contains("8192"), "{message}");
+    assert!(message.contains("4096"), "{message}");
     // Half a message, then nothing: failed after the body deadline.
     let started = Instant::now();
     let mut half = raw::frame(&[0x0a; 100]);

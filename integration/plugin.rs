@@ -13,3 +13,4 @@ mod ops;
 mod pkcs11;
 mod protocol;
 mod socket;
+mod vault;

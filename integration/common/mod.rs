@@ -14,6 +14,7 @@ use kms_plugin::server::socket::SocketAddress;
 use ring::rand::{SecureRandom, SystemRandom};
 
 pub mod moto;
+pub mod openbao;
 pub mod raw;
 pub mod softhsm;
 

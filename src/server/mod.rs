@@ -4,7 +4,9 @@
 //! `socket.max_connections` connections ([`connections`]) × [`MAX_STREAMS_PER_CONNECTION`]
 //! calls × [`MAX_REQUEST_BYTES`] per request, plus [`CONNECTION_WINDOW`] bytes per connection
 //! received but not yet read; a request body that stalls is failed after
-//! [`edge::BODY_TIMEOUT`]. With the defaults: 64 × 32 × 8 KiB + 64 × 64 KiB = 20 MiB.
+//! [`edge::BODY_TIMEOUT`]. With the defaults: 16 × 100 × 4 KiB + 16 × 64 KiB = 7.3 MiB of request
+//! bytes; with the per-call state of the HTTP/2 and gRPC layers, about 14 KiB per stalled call
+//! was measured, some 22 MiB for 1,600 of them.
 
 pub mod connections;
 pub mod edge;
@@ -38,11 +40,12 @@ impl Drop for AbortOnDrop {
 /// Largest request the server decodes; a bigger one is refused with ResourceExhausted before it
 /// is buffered whole. The largest request this plugin can legitimately get is a Decrypt of its
 /// own output: key_id (at most 1 KiB), a 61-byte ciphertext, and a wrapped KEK that no backend
-/// makes longer than a few hundred bytes.
-pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// makes longer than a few hundred bytes: under 1.5 KiB in all.
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024;
 /// Concurrent calls (HTTP/2 streams) a client may open on one connection; more wait in the
-/// client. The apiserver multiplexes every call on one connection.
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+/// client. The apiserver multiplexes every call on one connection. 100 is what grpc-go assumes
+/// before the server's SETTINGS arrive, so a burst on a new connection is never refused.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
 /// HTTP/2 flow-control windows: bytes a peer may send ahead of what the server has read.
 pub const CONNECTION_WINDOW: u32 = 64 * 1024;
 pub const STREAM_WINDOW: u32 = 32 * 1024;

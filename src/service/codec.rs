@@ -5,7 +5,7 @@
 use std::marker::PhantomData;
 
 use tonic::Status;
-use tonic::codec::{Codec, DecodeBuf, Decoder};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic_prost::ProstEncoder;
 
 /// The codec named in `build.rs` for every generated service and client.
@@ -29,7 +29,7 @@ where
     type Decoder = StrictDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder::default()
+        ProstEncoder::new(buffers())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
@@ -50,4 +50,14 @@ impl<U: prost::Message + Default> Decoder for StrictDecoder<U> {
             .map(Some)
             .map_err(|e| Status::invalid_argument(format!("request is not a valid protobuf message: {e}")))
     }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        buffers()
+    }
+}
+
+/// Every message here is well under 2 KiB: a 2 KiB buffer per call (tonic's default is 8 KiB,
+/// which a peer holding thousands of calls open would multiply).
+fn buffers() -> BufferSettings {
+    BufferSettings::new(2 * 1024, 32 * 1024)
 }

@@ -124,10 +124,16 @@ impl Http {
             .body(Full::new(payload))
             .map_err(|e| BackendError::new(ErrorKind::Transient, format!("vault request: {e}")))?;
         let call = async {
-            let response =
-                self.client.request(request).await.map_err(|e| {
-                    BackendError::new(ErrorKind::Transient, format!("vault {path}: {}", error_chain(&e)))
-                })?;
+            let response = self.client.request(request).await.map_err(|e| {
+                // A certificate the trust settings refuse is a configuration to fix, not
+                // an outage to wait out.
+                let kind = if is_tls_refusal(&e) {
+                    ErrorKind::Denied
+                } else {
+                    ErrorKind::Transient
+                };
+                BackendError::new(kind, format!("vault {path}: {}", error_chain(&e)))
+            })?;
             let status = response.status().as_u16();
             let bytes = Limited::new(response.into_body(), MAX_RESPONSE)
                 .collect()
@@ -213,6 +219,13 @@ fn tls_config(endpoint: &Endpoint<'_>) -> Result<rustls::ClientConfig, String> {
         (None, None) => Ok(builder.with_no_client_auth()),
         _ => Err("set both client_cert_file and client_key_file, or neither".into()),
     }
+}
+
+/// Whether the TLS handshake failed on a certificate (ours or the server's). rustls's error
+/// reaches us boxed inside the connector's and hyper's errors, so its text is what is read.
+fn is_tls_refusal(e: &(dyn std::error::Error + 'static)) -> bool {
+    let text = error_chain(e);
+    text.contains("invalid peer certificate") || (text.contains("received fatal alert") && text.contains("Certificate"))
 }
 
 /// "outer: inner: root cause", so a connection error says what failed (refused, certificate…).
