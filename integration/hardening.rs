@@ -167,7 +167,7 @@ async fn stalled_streams_and_idle_connections_cannot_exhaust_memory() {
         .metric("kms_plugin_socket_connections_closed_total{reason=\"evicted\"}")
         .await;
     assert!(evicted >= 2900.0, "{evicted} connections evicted");
-    assert!(plugin.metric("kms_plugin_socket_connections ").await <= 16.0);
+    assert!(plugin.metric("kms_plugin_socket_connections ").await <= 64.0);
     drop((idle, streams, conns));
     legitimate_calls_work(&plugin).await;
     plugin.stop().await;

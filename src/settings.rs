@@ -115,7 +115,7 @@ impl Default for SocketSettings {
             group: None,
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
-            max_connections: 16,
+            max_connections: 64,
         }
     }
 }

@@ -127,6 +127,10 @@ pub struct Args {
     /// startup: how many times to start the plugin.
     #[arg(long, default_value_t = 10)]
     pub repeat: usize,
+    /// cold-start, startup: a TOML file with a `[backend]` table (any backend, e.g. a Vault
+    /// server) to use instead of a new local root key; then consider `--latency 0s`.
+    #[arg(long, value_name = "FILE")]
+    pub backend: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {

@@ -79,7 +79,7 @@ struct Inner {
 /// cannot start unbounded backend calls. A cold start needs one per distinct local KEK.
 pub const MAX_INFLIGHT: usize = 64;
 /// Most misses waiting for an unwrap slot; more are refused as [`Miss::Busy`].
-pub const MAX_WAITING: usize = 4096;
+pub const MAX_WAITING: usize = 512;
 /// Longest a miss waits for an unwrap slot (the apiserver's own deadline is 3 s by default).
 pub const MAX_WAIT: Duration = Duration::from_secs(5);
 /// How long a refused wrapped KEK is remembered.

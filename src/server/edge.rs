@@ -1,7 +1,13 @@
 //! The tower layer at the edge of the gRPC server, around every call before it is routed:
 //!
-//! - gives the request body [`BODY_TIMEOUT`] to arrive whole: a stream that stalls half-way
-//!   is failed, so it holds its buffer and its stream slot only that long;
+//! - admits at most [`MAX_OPEN_CALLS`] calls at once across all connections, whatever their
+//!   state; more are refused at once with `ResourceExhausted`. This is the hard bound on what
+//!   peers can make the process hold (about 14 KiB per open call, measured);
+//! - gives the request body [`BODY_TIMEOUT`] to arrive whole, and lets at most
+//!   [`MAX_WAITING_BODIES`] calls wait for the rest of their body past a short
+//!   [`BODY_GRACE`] (more are refused): stalled streams cannot take the open-call slots that
+//!   real calls need, while a request whose body follows its headers by a moment, as every
+//!   real client's does, never needs a slot;
 //! - marks the call in progress on its connection once its request is complete, until its
 //!   response is ready (the connection table never evicts a connection with a call being
 //!   served, while a connection holding only stalled requests can be evicted);
@@ -32,12 +38,20 @@ use crate::service::{CallCounter, Handled, code_label};
 /// How long a request's body may take to arrive after its headers. The apiserver sends both
 /// at once.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Calls that may wait for the rest of their request body at once, across all connections.
+pub const MAX_WAITING_BODIES: usize = 256;
+/// How long a body may lag its headers before its call needs one of those slots.
+pub const BODY_GRACE: Duration = Duration::from_millis(100);
+/// Calls open at once, across all connections.
+pub const MAX_OPEN_CALLS: usize = 1536;
 
 /// Builds [`Edge`] services.
 #[derive(Clone)]
 pub struct EdgeLayer {
     counter: CallCounter,
     max_request_bytes: usize,
+    waiting_bodies: Arc<tokio::sync::Semaphore>,
+    open_calls: Arc<tokio::sync::Semaphore>,
 }
 
 impl EdgeLayer {
@@ -45,6 +59,8 @@ impl EdgeLayer {
         Self {
             counter,
             max_request_bytes,
+            waiting_bodies: Arc::new(tokio::sync::Semaphore::new(MAX_WAITING_BODIES)),
+            open_calls: Arc::new(tokio::sync::Semaphore::new(MAX_OPEN_CALLS)),
         }
     }
 }
@@ -89,6 +105,12 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
         Box::pin(async move {
+            let method = method_name(request.uri().path());
+            let Ok(_open) = Arc::clone(&layer.open_calls).try_acquire_owned() else {
+                layer.counter.count(method, Code::ResourceExhausted);
+                warn!(method, max = MAX_OPEN_CALLS, "too many calls open; call refused");
+                return Ok(Status::resource_exhausted("too many calls open in the plugin; retry").into_http());
+            };
             // Held until the response is ready; set when the request body is complete.
             let in_progress = Arc::new(OnceLock::new());
             let conn = request.extensions().get::<ConnInfo>().map(|c| Arc::clone(&c.0));
@@ -97,6 +119,8 @@ where
                     inner: body,
                     started: Instant::now(),
                     deadline: None,
+                    waiting: Arc::clone(&layer.waiting_bodies),
+                    slot: None,
                     conn,
                     in_progress: Arc::clone(&in_progress),
                 })
@@ -104,7 +128,6 @@ where
             let mut request = request;
             let handled = Handled::default();
             request.extensions_mut().insert(handled.clone());
-            let method = method_name(request.uri().path());
             let mut response = inner.call(request).await?;
             drop(in_progress);
             let code = grpc_status(&response);
@@ -167,12 +190,16 @@ struct RequestBody {
     started: Instant,
     /// Made only if the body is not all there at the first read (never, for the apiserver).
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The slots for calls waiting on their body, and this call's while it waits.
+    waiting: Arc<tokio::sync::Semaphore>,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
     conn: Option<Arc<Conn>>,
     in_progress: Arc<OnceLock<CallGuard>>,
 }
 
 impl RequestBody {
     fn complete(&mut self) {
+        self.slot = None;
         if let Some(conn) = self.conn.take() {
             let _ = self.in_progress.set(conn.begin_call());
         }
@@ -198,9 +225,28 @@ impl HttpBody for RequestBody {
             }
             Poll::Pending => {
                 let started = this.started;
+                // First the grace, then (holding a waiting slot) the rest of the deadline.
                 let deadline = this
                     .deadline
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until((started + BODY_TIMEOUT).into())));
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until((started + BODY_GRACE).into())));
+                if deadline.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                if this.slot.is_some() {
+                    return Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
+                        "request body not received within {} s",
+                        BODY_TIMEOUT.as_secs()
+                    )))));
+                }
+                match Arc::clone(&this.waiting).try_acquire_owned() {
+                    Ok(slot) => this.slot = Some(slot),
+                    Err(_) => {
+                        return Poll::Ready(Some(Err(Status::resource_exhausted(
+                            "too many requests waiting for the rest of their body",
+                        ))));
+                    }
+                }
+                deadline.as_mut().reset((started + BODY_TIMEOUT).into());
                 match deadline.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
                         "request body not received within {} s",

@@ -1,12 +1,11 @@
 //! Serving: the gRPC server on the bound socket, its limits, and bounded graceful shutdown.
 //!
-//! What peers with access to the socket can make the process buffer, at most (SECURITY.md):
-//! `socket.max_connections` connections ([`connections`]) × [`MAX_STREAMS_PER_CONNECTION`]
-//! calls × [`MAX_REQUEST_BYTES`] per request, plus [`CONNECTION_WINDOW`] bytes per connection
-//! received but not yet read; a request body that stalls is failed after
-//! [`edge::BODY_TIMEOUT`]. With the defaults: 16 × 100 × 4 KiB + 16 × 64 KiB = 7.3 MiB of request
-//! bytes; with the per-call state of the HTTP/2 and gRPC layers, about 14 KiB per stalled call
-//! was measured, some 22 MiB for 1,600 of them.
+//! What peers with access to the socket can make the process hold, at most (SECURITY.md):
+//! `socket.max_connections` connections ([`connections`]) of [`MAX_STREAMS_PER_CONNECTION`]
+//! calls each, [`MAX_REQUEST_BYTES`] per request, [`CONNECTION_WINDOW`] bytes per connection
+//! received but not yet read, and [`edge::MAX_WAITING_BODIES`] calls waiting for the rest of
+//! their body, each for at most [`edge::BODY_TIMEOUT`]. A call held open costs about 14 KiB in
+//! all (measured); calls past their body wait only in the unwrap queue (`keys::cache`).
 
 pub mod connections;
 pub mod edge;

@@ -16,7 +16,7 @@ use kms_plugin::proto::v2::{DecryptRequest, EncryptRequest};
 use crate::Args;
 use crate::grpc::{code_name, connect_all, random_bytes};
 use crate::load::Measured;
-use crate::plugin::{Proc, TempDir, keygen, write_config};
+use crate::plugin::{Proc, Root, TempDir, keygen, write_config};
 use crate::report::{Extra, Report};
 
 const READY_LIMIT: Duration = Duration::from_secs(20);
@@ -119,8 +119,7 @@ pub async fn run(args: &Args) -> Result<Report, String> {
         return Err("--plaintext-bytes must be at least 1".into());
     }
     let dir = TempDir::new("cold")?;
-    let root = dir.path().join("root.key");
-    keygen(&args.plugin, &root)?;
+    let root = root(args, &dir)?;
 
     // 1. Seal: K short-lived plugins, one local KEK each, sharing the root key.
     let mut sealed = Vec::with_capacity(n);
@@ -145,7 +144,10 @@ pub async fn run(args: &Args) -> Result<Report, String> {
 
     // 2. A fresh plugin with a slow backend; nothing cached.
     let socket = dir.path().join("fresh.sock");
-    let bench = format!("[bench]\nbackend_latency = \"{}ms\"\n", args.latency.as_millis());
+    let bench = match args.latency.is_zero() {
+        true => String::new(),
+        false => format!("[bench]\nbackend_latency = \"{}ms\"\n", args.latency.as_millis()),
+    };
     let config = write_config(dir.path(), "fresh.toml", &socket, &root, &bench)?;
     let spawned = Instant::now();
     let mut proc = Proc::spawn(&args.plugin, &config, &socket)?;
@@ -209,12 +211,25 @@ pub async fn run(args: &Args) -> Result<Report, String> {
         .extra("threads", Extra::Int(args.threads as u64)))
 }
 
+/// The root key: `--backend FILE`'s `[backend]` table, else a new local key file.
+fn root(args: &Args, dir: &TempDir) -> Result<Root, String> {
+    match &args.backend {
+        Some(file) => std::fs::read_to_string(file)
+            .map(Root::Backend)
+            .map_err(|e| format!("--backend {}: {e}", file.display())),
+        None => {
+            let key = dir.path().join("root.key");
+            keygen(&args.plugin, &key)?;
+            Ok(Root::Local(key))
+        }
+    }
+}
+
 /// startup: spawn the plugin `--repeat` times on a fresh config and time the first healthy
 /// Status. The histogram holds one sample per start.
 pub async fn startup(args: &Args) -> Result<Report, String> {
     let dir = TempDir::new("startup")?;
-    let root = dir.path().join("root.key");
-    keygen(&args.plugin, &root)?;
+    let root = root(args, &dir)?;
     let mut measured = Measured::new();
     let mut rss_kib = Vec::new();
     let started = Instant::now();

@@ -56,13 +56,31 @@ pub fn keygen(binary: &Path, out: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// A config for the local backend with `root_key`, serving on `socket`; `sections` is extra
-/// TOML tables appended at the end (e.g. `[bench]`).
-pub fn write_config(dir: &Path, name: &str, socket: &Path, root_key: &Path, sections: &str) -> Result<PathBuf, String> {
+/// Where the root key is: a local key file, or a `[backend]` table of the caller's (any backend).
+pub enum Root {
+    Local(PathBuf),
+    Backend(String),
+}
+
+impl Root {
+    fn table(&self) -> String {
+        match self {
+            Root::Local(key) => format!(
+                "[backend]\ntype = \"local\"\ncurrent_key_file = {:?}\n",
+                key.display().to_string()
+            ),
+            Root::Backend(text) => text.clone(),
+        }
+    }
+}
+
+/// A config serving on `socket` with the root key `root`; `sections` is extra TOML tables
+/// appended at the end (e.g. `[bench]`).
+pub fn write_config(dir: &Path, name: &str, socket: &Path, root: &Root, sections: &str) -> Result<PathBuf, String> {
     let text = format!(
-        "[socket]\npath = {:?}\n\n[backend]\ntype = \"local\"\ncurrent_key_file = {:?}\n\n{sections}",
+        "[socket]\npath = {:?}\n\n{}\n{sections}",
         socket.display().to_string(),
-        root_key.display().to_string(),
+        root.table(),
     );
     let path = dir.join(name);
     std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
