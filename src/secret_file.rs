@@ -5,7 +5,9 @@
 //! - a regular file, owned by this process's user or by root;
 //! - its mode denies the bits the caller names (group and others, for a root key);
 //! - the directory it is in (and the directory of the file a symlink points to) is owned by
-//!   this user or root and not writable by group or others, who could otherwise swap the file;
+//!   this user or root and not writable by group or others, who could otherwise swap the file
+//!   (a sticky directory, such as the root of a kubelet Secret or projected volume, is fine:
+//!   there others cannot rename or remove what they do not own);
 //! - read whole into a zeroizing buffer, up to a bound.
 
 use std::fs::{self, File, OpenOptions};
@@ -112,7 +114,8 @@ pub fn open(path: &Path, policy: &Policy) -> Result<(File, fs::Metadata), Secret
 
 fn check_directory(path: &Path, dir: &Path, me: u32) -> Result<(), SecretFileError> {
     let meta = fs::metadata(dir).map_err(|source| io(dir, source))?;
-    if meta.mode() & 0o022 != 0 || (meta.uid() != me && meta.uid() != 0) {
+    let sticky = meta.mode() & 0o1000 != 0;
+    if (meta.mode() & 0o022 != 0 && !sticky) || (meta.uid() != me && meta.uid() != 0) {
         return Err(SecretFileError::UnsafeDirectory {
             path: path.to_owned(),
             dir: dir.to_owned(),
@@ -158,6 +161,9 @@ mod tests {
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
         let e = read(&p, &KEY).unwrap_err();
         assert!(matches!(e, SecretFileError::UnsafeDirectory { .. }), "{e}");
+        // Sticky (a kubelet volume's root): others cannot replace our file there.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(read(&p, &KEY).is_ok());
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
 
         // A symlink from a safe directory into an unsafe one is refused too.
