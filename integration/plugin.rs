@@ -12,5 +12,6 @@ mod hierarchy;
 mod ops;
 mod pkcs11;
 mod protocol;
+mod reload;
 mod socket;
 mod vault;

@@ -13,6 +13,7 @@ pub mod error;
 pub mod keys;
 pub mod logging;
 pub mod ops;
+pub mod reload;
 pub mod secret_file;
 pub mod server;
 pub mod service;
@@ -124,8 +125,14 @@ pub async fn build_backend(settings: &Settings) -> Result<Arc<dyn Backend>, Star
 }
 
 /// Runs the plugin until `shutdown` resolves: makes the first local KEK, binds the socket,
-/// serves, then drains, removes the socket and drops (wipes) every key.
-pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+/// serves, then drains, removes the socket and drops (wipes) every key. With `config` (the
+/// file `settings` came from), changes to it are reloaded live; `log` changes the log level.
+pub async fn run(
+    settings: Settings,
+    config: Option<std::path::PathBuf>,
+    log: logging::LevelHandle,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
     if let Err(e) = ops::hygiene::harden() {
         warn!(error = %e, "could not disable core dumps");
     }
@@ -155,6 +162,8 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     service.register_metrics(&mut registry);
     let connections = server::connections::Connections::new(settings.socket.max_connections);
     connections.register_metrics(&mut registry);
+    let reload_metrics = reload::ReloadMetrics::default();
+    reload_metrics.register(&mut registry);
     let http = match settings.metrics.enabled {
         true => {
             let address = settings.metrics.address;
@@ -202,18 +211,33 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     }
 
     let (stop_rotation, rotation_stopped) = tokio::sync::watch::channel(false);
-    let rotation = tokio::spawn(Arc::clone(&keys).run_rotation(rotation_stopped));
-    let peers = server::PeerPolicy {
+    let rotation = tokio::spawn(Arc::clone(&keys).run_rotation(rotation_stopped.clone()));
+    let peers = Arc::new(arc_swap::ArcSwap::from_pointee(server::PeerPolicy {
         uids: settings.socket.allowed_uids.clone(),
         gids: settings.socket.allowed_gids.clone(),
-    };
-    let result = server::serve(listener, service, peers, connections, settings.shutdown_grace, shutdown).await;
+    }));
+    let shutdown_grace = settings.shutdown_grace;
+    let reloader = config.map(|path| {
+        let reloader = reload::Reloader::new(
+            path,
+            settings,
+            Arc::clone(&keys),
+            Arc::clone(&peers),
+            log,
+            reload_metrics,
+        );
+        tokio::spawn(reloader.run(rotation_stopped))
+    });
+    let result = server::serve(listener, service, peers, connections, shutdown_grace, shutdown).await;
 
     let _ = stop_rotation.send(true);
     if let Some(http) = http {
         http.stop().await;
     }
     let _ = rotation.await;
+    if let Some(reloader) = reloader {
+        let _ = reloader.await;
+    }
     drop(guard);
     drop(keys);
     info!("stopped; socket removed and keys dropped");

@@ -47,25 +47,48 @@ pub fn check_level(spec: &str) -> Result<(), String> {
     EnvFilter::try_new(spec).map(|_| ()).map_err(|_| valid())
 }
 
+/// Changes the log level of the running process (a configuration reload).
+pub struct LevelHandle {
+    handle: Option<tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>>,
+    /// RUST_LOG was set and valid: it wins over `log.level`, at start and on reload.
+    from_env: bool,
+}
+
+impl LevelHandle {
+    /// Applies `level` (already checked by the settings) unless RUST_LOG decides.
+    pub fn set(&self, level: &str) {
+        if let (Some(handle), false) = (&self.handle, self.from_env) {
+            let _ = handle.reload(EnvFilter::new(level));
+        }
+    }
+}
+
 /// Installs the global subscriber. `RUST_LOG`, when set and valid, overrides `level`; an
 /// invalid one is ignored with a warning rather than silencing the log. Logs go to stderr.
-pub fn init(level: &str, format: LogFormat) {
+pub fn init(level: &str, format: LogFormat) -> LevelHandle {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let env = std::env::var("RUST_LOG").ok();
-    let (spec, ignored) = match env {
-        Some(env) if check_level(&env).is_ok() => (env, None),
-        Some(env) => (level.to_string(), Some(env)),
-        None => (level.to_string(), None),
+    let (spec, ignored, from_env) = match env {
+        Some(env) if check_level(&env).is_ok() => (env, None, true),
+        Some(env) => (level.to_string(), Some(env), false),
+        None => (level.to_string(), None, false),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::new(spec))
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(EnvFilter::new(spec));
+    let registry = tracing_subscriber::registry().with(filter);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(false);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let installed = match format {
+        LogFormat::Text => registry.with(fmt).try_init(),
+        LogFormat::Json => registry.with(fmt.json().flatten_event(true)).try_init(),
     };
     if let Some(env) = ignored {
         tracing::warn!(rust_log = ?env, "RUST_LOG is not a valid level or directive list; using log.level");
+    }
+    LevelHandle {
+        handle: installed.is_ok().then_some(handle),
+        from_env,
     }
 }
 

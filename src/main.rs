@@ -125,12 +125,18 @@ fn serve(config: Option<PathBuf>, socket: Option<String>, dev: Option<PathBuf>) 
         Some(dir) => dev_settings(dir)?,
         None => load(config.as_deref())?,
     };
+    // A --socket override is not in the file: a reload would see it as a socket change.
+    let reloadable = config.filter(|_| socket.is_none());
     if let Some(socket) = socket {
         settings.socket.path = socket_arg(&socket)?.to_string();
     }
-    logging::init(&settings.log.level, settings.log.format);
+    let log = logging::init(&settings.log.level, settings.log.format);
+    let config = reloadable
+        .map(std::path::absolute)
+        .transpose()
+        .map_err(|e| e.to_string())?;
     runtime(settings.process.worker_threads)
-        .block_on(kms_plugin::run(settings, shutdown_signal()))
+        .block_on(kms_plugin::run(settings, config, log, shutdown_signal()))
         .map_err(|e| e.to_string())
 }
 

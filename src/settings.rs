@@ -40,6 +40,9 @@ pub struct Settings {
     /// Process hardening.
     #[serde(default)]
     pub process: ProcessSettings,
+    /// Live reload of this file and the files it names.
+    #[serde(default)]
+    pub reload: ReloadSettings,
     /// Benchmark-only knobs; never set them on a real control plane.
     #[serde(default)]
     pub bench: BenchSettings,
@@ -83,6 +86,23 @@ impl Default for ProcessSettings {
         Self {
             mlock: false,
             worker_threads: 1,
+        }
+    }
+}
+
+/// `[reload]`: how often the config file and the files it names are checked for changes
+/// (SIGHUP reloads at once).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadSettings {
+    #[serde(deserialize_with = "duration")]
+    pub interval: Duration,
+}
+
+impl Default for ReloadSettings {
+    fn default() -> Self {
+        Self {
+            interval: crate::reload::default_interval(),
         }
     }
 }
@@ -220,6 +240,20 @@ pub struct AwsSettings {
     pub attempt_timeout: Duration,
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+}
+
+impl BackendSettings {
+    /// Every file this backend's settings name, for change detection.
+    pub fn files(&self) -> Vec<PathBuf> {
+        match self {
+            BackendSettings::Local(l) => std::iter::once(l.current_key_file.clone())
+                .chain(l.decrypt_only_key_files.iter().cloned())
+                .collect(),
+            BackendSettings::Pkcs11(p) => p.pin_file.iter().cloned().collect(),
+            BackendSettings::Aws(_) => Vec::new(),
+            BackendSettings::Vault(v) => v.files(),
+        }
+    }
 }
 
 fn unset_backend() -> BackendSettings {
@@ -535,6 +569,9 @@ impl Settings {
         }
         if self.probe.interval.is_zero() {
             return err("probe.interval must be positive");
+        }
+        if self.reload.interval < Duration::from_millis(100) {
+            return err("reload.interval must be at least 100ms");
         }
         if let BackendSettings::Pkcs11(p) = &self.backend
             && p.pin_file.is_some() == p.pin_env.is_some()

@@ -174,13 +174,14 @@ impl KekCache {
         self.len() == 0
     }
 
-    /// Drops every cached KEK wrapped under `key_id` (root key revoked); returns how many.
-    pub fn purge_key(&self, key_id: &str) -> usize {
+    /// Keeps only the KEKs whose root key_id passes `keep` (a reload removed the others);
+    /// returns how many were dropped.
+    pub fn retain_keys(&self, keep: impl Fn(&str) -> bool) -> usize {
         let mut inner = self.lock();
         let doomed: Vec<KekRef> = inner
             .lru
             .iter()
-            .filter(|(_, e)| &*e.key_id == key_id)
+            .filter(|(_, e)| !keep(&e.key_id))
             .map(|(r, _)| *r)
             .collect();
         for r in &doomed {
@@ -188,6 +189,11 @@ impl KekCache {
         }
         inner.epoch += 1;
         doomed.len()
+    }
+
+    /// Drops every cached KEK wrapped under `key_id` (root key revoked); returns how many.
+    pub fn purge_key(&self, key_id: &str) -> usize {
+        self.retain_keys(|k| k != key_id)
     }
 
     /// Returns the cached KEK, or runs `fetch` once for all concurrent callers asking for the

@@ -21,14 +21,14 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use ring::rand::SystemRandom;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
 pub use secret::{KEY_LEN, Kek, Plaintext};
 
-use crate::backend::{Backend, BackendError, ErrorKind};
+use crate::backend::{Backend, BackendError, ErrorKind, Wrapped};
 use crate::contract;
 use crate::error::Error;
 use crate::logging::KeyIdHash;
@@ -70,18 +70,25 @@ pub struct Sealed {
     pub wrapped_kek: bytes::Bytes,
 }
 
+/// The part of the hierarchy a configuration reload replaces, as one value: the backend and
+/// the policies that go with it. A call holds the one it started with to its end.
+pub struct Active {
+    pub backend: Arc<dyn Backend>,
+    pub policy: RotationPolicy,
+    /// Transient outage tolerated before Status fails.
+    pub max_outage: Duration,
+}
+
 /// The plugin's keys: the current local KEK, the cache of unwrapped KEKs, and the backend.
 pub struct Keys {
-    backend: Arc<dyn Backend>,
+    active: ArcSwap<Active>,
     current: ArcSwapOption<CurrentKek>,
     cache: Arc<KekCache>,
-    policy: RotationPolicy,
     rng: SystemRandom,
     rotate_soon: Notify,
     rotating: tokio::sync::Mutex<()>,
     rotations: AtomicU64,
     health: Mutex<Health>,
-    max_outage: Duration,
     metrics: metrics::KeyMetrics,
 }
 
@@ -110,18 +117,50 @@ impl Keys {
         max_outage: Duration,
     ) -> Arc<Self> {
         Arc::new(Self {
-            backend,
+            active: ArcSwap::from_pointee(Active {
+                backend,
+                policy,
+                max_outage,
+            }),
             current: ArcSwapOption::empty(),
             cache: KekCache::new(cache_capacity),
-            policy,
             rng: SystemRandom::new(),
             rotate_soon: Notify::new(),
             rotating: tokio::sync::Mutex::new(()),
             rotations: AtomicU64::new(0),
             health: Mutex::new(Health::default()),
-            max_outage,
             metrics: metrics::KeyMetrics::new(),
         })
+    }
+
+    /// The backend and policies in force.
+    pub fn active(&self) -> Arc<Active> {
+        self.active.load_full()
+    }
+
+    /// Puts a reloaded configuration in force, atomically: calls already running finish on the
+    /// old one. `first` is a KEK the caller made and checked under the new backend: when the
+    /// root key changed it becomes current at once, so nothing is sealed under a root key the
+    /// new configuration may no longer know. Cached KEKs of root keys the new backend does not
+    /// know are purged (and wiped when their last holder drops them). Returns how many.
+    pub async fn replace(&self, active: Active, first: (Kek, Wrapped)) -> usize {
+        let _guard = self.rotating.lock().await;
+        let backend = Arc::clone(&active.backend);
+        self.active.store(Arc::new(active));
+        let purged = self.cache.retain_keys(|key_id| backend.knows(key_id));
+        {
+            // The new backend has just answered a probe, a wrap and an unwrap.
+            let mut health = self.lock_health();
+            *health = Health {
+                last_ok: Some(Instant::now()),
+                ..Health::default()
+            };
+        }
+        let (kek, wrapped) = first;
+        if self.current().is_none_or(|c| c.key_id != wrapped.key_id) {
+            self.install(kek, wrapped, Reason::RootKeyChanged);
+        }
+        purged
     }
 
     fn lock_health(&self) -> std::sync::MutexGuard<'_, Health> {
@@ -137,14 +176,14 @@ impl Keys {
                 return Err(Error::Backend(e.clone()));
             }
             if let Some(since) = health.failing_since
-                && since.elapsed() > self.max_outage
+                && since.elapsed() > self.active().max_outage
             {
                 return Err(Error::Backend(BackendError::new(
                     ErrorKind::Transient,
                     format!(
                         "backend unreachable for {} s (max_outage {} s)",
                         since.elapsed().as_secs(),
-                        self.max_outage.as_secs()
+                        self.active().max_outage.as_secs()
                     ),
                 )));
             }
@@ -159,7 +198,7 @@ impl Keys {
     /// Seals allowed under one KEK when rotation keeps failing: random 96-bit nonces stay
     /// safe far beyond `max_uses`, but sealing must not go on forever under one KEK.
     fn hard_limit(&self) -> u64 {
-        self.policy.max_uses.saturating_mul(2)
+        self.active().policy.max_uses.saturating_mul(2)
     }
 
     /// (revoked, failing): whether the current root key is revoked, and whether the backend is
@@ -176,7 +215,7 @@ impl Keys {
 
     /// The probe interval (from the rotation policy).
     pub fn probe_interval(&self) -> Duration {
-        self.policy.check_interval
+        self.active().policy.check_interval
     }
 
     /// Records a successful probe: outages and revocations are over.
@@ -245,8 +284,8 @@ impl Keys {
     }
 
     /// The backend behind the hierarchy.
-    pub fn backend(&self) -> &Arc<dyn Backend> {
-        &self.backend
+    pub fn backend(&self) -> Arc<dyn Backend> {
+        Arc::clone(&self.active().backend)
     }
 
     /// Local KEKs made by this process so far.
@@ -266,7 +305,7 @@ impl Keys {
             Err(e) => return Err(e),
         };
         let before = cur.uses.fetch_add(1, Relaxed);
-        if before + 1 >= self.policy.max_uses {
+        if before + 1 >= self.active().policy.max_uses {
             self.rotate_soon.notify_one();
             // The hard stop; Status fails from the same count on (healthy_current).
             if before >= self.hard_limit() {
@@ -291,10 +330,11 @@ impl Keys {
         ciphertext: &[u8],
     ) -> Result<Plaintext, Error> {
         let envelope = Envelope::parse(ciphertext)?;
-        if !self.backend.knows(key_id) {
+        let active = self.active();
+        if !active.backend.knows(key_id) {
             return Err(Error::UnknownKeyId);
         }
-        if let Some(e) = self.backend.refuses(key_id) {
+        if let Some(e) = active.backend.refuses(key_id) {
             // A retired version or deleted key: its cached KEKs go too.
             let purged = self.cache.purge_key(key_id);
             if purged > 0 {
@@ -312,7 +352,7 @@ impl Keys {
                 return Err(Error::Backend(e.clone()));
             }
         }
-        if wrapped_kek.len() > self.backend.max_wrapped_len() {
+        if wrapped_kek.len() > active.backend.max_wrapped_len() {
             return Err(Error::InvalidArgument(format!(
                 "wrapped KEK of {} bytes is longer than this backend makes",
                 wrapped_kek.len()
@@ -322,7 +362,7 @@ impl Keys {
         let kek = self
             .cache
             .get_or_fetch(kek_ref, key_id, || {
-                let (backend, key_id, blob) = (Arc::clone(&self.backend), key_id.to_owned(), wrapped_kek.clone());
+                let (backend, key_id, blob) = (Arc::clone(&active.backend), key_id.to_owned(), wrapped_kek.clone());
                 let metrics = self.metrics.clone();
                 async move {
                     backend_call(
@@ -354,15 +394,17 @@ impl Keys {
             return Ok(());
         }
         let kek = Kek::generate(&self.rng).map_err(|_| Error::Internal("random number generator failed"))?;
-        let wrapped = backend_call(&*self.backend, &self.metrics, "wrap", None, self.backend.wrap(&kek))
+        let backend = self.backend();
+        let wrapped = backend_call(&*backend, &self.metrics, "wrap", None, backend.wrap(&kek))
             .await
             .inspect_err(|e| self.note_backend_error(None, e))?;
-        // A KEK the apiserver would refuse must never become current.
-        contract::check_key_id(&wrapped.key_id)
-            .map_err(|why| BackendError::new(ErrorKind::KeyUnusable, format!("backend key_id unusable: {why}")))?;
-        if wrapped.blob.is_empty() || wrapped.blob.len() > contract::MAX_WRAPPED_KEK {
-            return Err(BackendError::new(ErrorKind::KeyUnusable, "wrapped KEK size out of bounds").into());
-        }
+        check_wrapped(&wrapped)?;
+        self.install(kek, wrapped, reason);
+        Ok(())
+    }
+
+    /// Makes `kek` (checked by [`check_wrapped`]) the current KEK.
+    fn install(&self, kek: Kek, wrapped: Wrapped, reason: Reason) {
         let kek_ref = KekRef::new(&wrapped.key_id, &wrapped.blob);
         let kek = Arc::new(kek);
         self.cache.insert(kek_ref, &wrapped.key_id, Arc::clone(&kek));
@@ -389,7 +431,6 @@ impl Keys {
             root_key_changed = root_changed,
             "new local KEK is current"
         );
-        Ok(())
     }
 
     /// The background task: makes the first KEK if start-up could not, follows the backend's
@@ -398,10 +439,10 @@ impl Keys {
         let mut failures = 0u32;
         loop {
             let wait = match (failures, self.current()) {
-                (0, Some(cur)) => self.policy.next_check(cur.age()),
+                (0, Some(cur)) => self.active().policy.next_check(cur.age()),
                 (0, None) => Duration::ZERO,
                 // Back off after failures: 1 s, 2 s, 4 s … capped at the check interval.
-                (n, _) => Duration::from_secs(1 << n.min(6)).min(self.policy.check_interval),
+                (n, _) => Duration::from_secs(1 << n.min(6)).min(self.active().policy.check_interval),
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
@@ -420,7 +461,9 @@ impl Keys {
 
     /// One pass of the rotation task: probe the backend, rotate if anything is due.
     pub async fn check_and_rotate(&self) -> Result<(), Error> {
-        let root = backend_call(&*self.backend, &self.metrics, "probe", None, self.backend.probe())
+        let active = self.active();
+        let backend = &*active.backend;
+        let root = backend_call(backend, &self.metrics, "probe", None, backend.probe())
             .await
             .inspect_err(|e| self.note_backend_error(None, e))?;
         // The probe also proves the current KEK still unwraps: that exercises the permission
@@ -428,11 +471,11 @@ impl Keys {
         // that changed under the same name.
         if let Some(cur) = self.current().filter(|c| c.key_id == root) {
             let back = backend_call(
-                &*self.backend,
+                backend,
                 &self.metrics,
                 "verify",
                 Some(&cur.key_id),
-                self.backend.unwrap(&cur.key_id, &cur.wrapped),
+                backend.unwrap(&cur.key_id, &cur.wrapped),
             )
             .await
             .and_then(|k| {
@@ -461,13 +504,24 @@ impl Keys {
         let reason = match self.current() {
             None => Some(Reason::First),
             Some(cur) if cur.key_id != root => Some(Reason::RootKeyChanged),
-            Some(cur) => self.policy.due(cur.age(), cur.uses()),
+            Some(cur) => active.policy.due(cur.age(), cur.uses()),
         };
         match reason {
             Some(reason) => self.rotate(reason).await,
             None => Ok(()),
         }
     }
+}
+
+/// A wrapped KEK the apiserver will accept (its key_id and annotation size): one that would be
+/// refused must never become current.
+pub fn check_wrapped(wrapped: &Wrapped) -> Result<(), Error> {
+    contract::check_key_id(&wrapped.key_id)
+        .map_err(|why| BackendError::new(ErrorKind::KeyUnusable, format!("backend key_id unusable: {why}")))?;
+    if wrapped.blob.is_empty() || wrapped.blob.len() > contract::MAX_WRAPPED_KEK {
+        return Err(BackendError::new(ErrorKind::KeyUnusable, "wrapped KEK size out of bounds").into());
+    }
+    Ok(())
 }
 
 /// Upper bound on any backend call, whatever the backend's own timeouts: a hung HSM or

@@ -87,7 +87,8 @@ impl PeerPolicy {
 /// and an accept error (EMFILE …) pauses accepting for a moment instead of spinning.
 struct Incoming {
     listener: tokio::net::UnixListener,
-    peers: PeerPolicy,
+    /// Swapped whole by a configuration reload.
+    peers: Arc<arc_swap::ArcSwap<PeerPolicy>>,
     connections: Arc<Connections>,
     backoff: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -102,7 +103,7 @@ impl Stream for Incoming {
                 self.backoff = None;
             }
             match ready!(self.listener.poll_accept(cx)) {
-                Ok((stream, _)) if self.peers.allows(&stream) => {
+                Ok((stream, _)) if self.peers.load().allows(&stream) => {
                     if let Some(tracked) = self.connections.admit(stream) {
                         return Poll::Ready(Some(Ok(tracked)));
                     }
@@ -122,7 +123,7 @@ impl Stream for Incoming {
 pub async fn serve(
     listener: tokio::net::UnixListener,
     service: KmsService,
-    peers: PeerPolicy,
+    peers: Arc<arc_swap::ArcSwap<PeerPolicy>>,
     connections: Arc<Connections>,
     grace: Duration,
     shutdown: impl Future<Output = ()>,

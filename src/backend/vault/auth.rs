@@ -45,6 +45,17 @@ pub struct AuthSettings {
     pub mount: Option<String>,
 }
 
+impl AuthSettings {
+    /// The credential files named here.
+    pub fn files(&self) -> Vec<PathBuf> {
+        [&self.token_file, &self.secret_id_file, &self.jwt_file]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+}
+
 /// The checked auth method.
 #[derive(Debug, Clone)]
 enum Method_ {

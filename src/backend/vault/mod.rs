@@ -76,6 +76,18 @@ pub struct VaultSettings {
     pub auth: AuthSettings,
 }
 
+impl VaultSettings {
+    /// Every file these settings name (for change detection by a reload).
+    pub fn files(&self) -> Vec<PathBuf> {
+        [&self.ca_file, &self.client_cert_file, &self.client_key_file]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .chain(self.auth.files())
+            .collect()
+    }
+}
+
 fn default_mount() -> String {
     "transit".into()
 }

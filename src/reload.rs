@@ -1,0 +1,263 @@
+//! Live configuration reload: on SIGHUP, or when the config file or any file it names (key
+//! files, PIN file, credential and CA files) changes, noticed within `reload.interval`.
+//!
+//! Changes are noticed by content hash, polled: kubelet-mounted ConfigMaps and Secrets change by
+//! swapping symlinks, which a watch on the file itself would miss. A reload reads and checks the
+//! whole new configuration and builds a new backend beside the old one, which must answer a
+//! probe, a wrap and an unwrap under its current key. Only then is it put in force, in one swap
+//! (`Keys::replace`): calls already running finish on the old one; cached KEKs of root keys
+//! still configured stay cached, those of removed keys are purged. Anything less leaves the old
+//! configuration serving, logs why (naming the field) and counts a failure.
+//!
+//! Settings a live process cannot change (the socket, the backend type, the metrics endpoint,
+//! threads, mlock, the Status version, the KEK cache size, the log format and shutdown_grace)
+//! refuse the whole reload: the plugin never runs half of a configuration. Everything else
+//! applies: the backend's settings and keys, `[kek]` lifetimes, `[probe]`, `[reload]`, the
+//! peer allow-lists and `log.level` (unless RUST_LOG is set).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use ring::digest;
+use tracing::{info, warn};
+
+use crate::keys::{Active, Kek, Keys};
+use crate::logging::LevelHandle;
+use crate::server::PeerPolicy;
+use crate::settings::{BackendSettings, Settings};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
+}
+
+/// `config_reloads_total{outcome}` and the time of the last success.
+#[derive(Clone, Default)]
+pub struct ReloadMetrics {
+    reloads: Family<Outcome, Counter>,
+    last_success: Gauge,
+}
+
+impl ReloadMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "config_reloads",
+            "Configuration reloads by outcome (success, failure)",
+            self.reloads.clone(),
+        );
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time of the last configuration put in force (start-up counts)",
+            self.last_success.clone(),
+        );
+        self.mark_success();
+    }
+
+    fn mark_success(&self) {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        self.last_success.set(now.as_secs() as i64);
+    }
+
+    fn count(&self, outcome: &'static str) {
+        self.reloads.get_or_create(&Outcome { outcome }).inc();
+    }
+}
+
+/// What a reload changes in the running process.
+pub struct Reloader {
+    path: PathBuf,
+    settings: Settings,
+    keys: Arc<Keys>,
+    peers: Arc<ArcSwap<PeerPolicy>>,
+    log: LevelHandle,
+    metrics: ReloadMetrics,
+    fingerprint: Vec<u8>,
+}
+
+impl Reloader {
+    /// `settings` are the ones in force, loaded from `path`.
+    pub fn new(
+        path: PathBuf,
+        settings: Settings,
+        keys: Arc<Keys>,
+        peers: Arc<ArcSwap<PeerPolicy>>,
+        log: LevelHandle,
+        metrics: ReloadMetrics,
+    ) -> Self {
+        let fingerprint = fingerprint(&path, &settings);
+        Self {
+            path,
+            settings,
+            keys,
+            peers,
+            log,
+            metrics,
+            fingerprint,
+        }
+    }
+
+    /// Reloads on SIGHUP and on changes, until `shutdown` fires.
+    pub async fn run(mut self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGHUP; reloading on file changes only");
+                None
+            }
+        };
+        loop {
+            let interval = self.settings.reload.interval;
+            let by_signal = tokio::select! {
+                _ = tokio::time::sleep(interval) => false,
+                Some(()) = async { hup.as_mut()?.recv().await } => true,
+                _ = shutdown.changed() => return,
+            };
+            let now = fingerprint(&self.path, &self.settings);
+            if !by_signal && now == self.fingerprint {
+                continue;
+            }
+            // Tried once per change: a broken edit is not retried every interval.
+            self.fingerprint = now;
+            let trigger = if by_signal { "SIGHUP" } else { "file change" };
+            match self.reload().await {
+                Ok(summary) => {
+                    self.metrics.count("success");
+                    self.metrics.mark_success();
+                    info!(trigger, %summary, "configuration reloaded");
+                }
+                Err(why) => {
+                    self.metrics.count("failure");
+                    warn!(trigger, error = %why, "configuration reload refused; the previous configuration keeps serving");
+                }
+            }
+        }
+    }
+
+    /// Builds and checks the new configuration, then puts it in force.
+    async fn reload(&mut self) -> Result<String, String> {
+        let new = Settings::load(Some(&self.path)).map_err(|e| e.to_string())?;
+        fixed_fields_unchanged(&self.settings, &new)?;
+        let backend = crate::build_backend(&new).await.map_err(|e| e.to_string())?;
+        // The new backend must work before anything depends on it.
+        let timeout = crate::keys::BACKEND_CALL_TIMEOUT;
+        let check = async {
+            backend.probe().await.map_err(|e| format!("backend probe: {e}"))?;
+            let kek = Kek::generate(&ring::rand::SystemRandom::new()).map_err(|_| "random number generator failed")?;
+            let wrapped = backend.wrap(&kek).await.map_err(|e| format!("backend wrap: {e}"))?;
+            crate::keys::check_wrapped(&wrapped).map_err(|e| format!("backend wrap: {e}"))?;
+            let back = backend
+                .unwrap(&wrapped.key_id, &wrapped.blob)
+                .await
+                .map_err(|e| format!("backend unwrap: {e}"))?;
+            if back.expose() != kek.expose() {
+                return Err("backend unwrap returned a different key".to_string());
+            }
+            Ok::<_, String>((kek, wrapped))
+        };
+        let first = tokio::time::timeout(timeout, check)
+            .await
+            .map_err(|_| format!("backend check timed out after {} s", timeout.as_secs()))??;
+        let key_id_hash = crate::logging::KeyIdHash(&first.1.key_id).to_string();
+        let purged = self
+            .keys
+            .replace(
+                Active {
+                    backend,
+                    policy: new.policy(),
+                    max_outage: new.probe.max_outage,
+                },
+                first,
+            )
+            .await;
+        self.peers.store(Arc::new(PeerPolicy {
+            uids: new.socket.allowed_uids.clone(),
+            gids: new.socket.allowed_gids.clone(),
+        }));
+        self.log.set(&new.log.level);
+        self.settings = new;
+        self.fingerprint = fingerprint(&self.path, &self.settings);
+        Ok(format!(
+            "current key_id_hash {key_id_hash}, {purged} cached KEKs of removed keys purged"
+        ))
+    }
+}
+
+/// Refuses a reload that changes what a live process cannot, naming the first such field.
+fn fixed_fields_unchanged(old: &Settings, new: &Settings) -> Result<(), String> {
+    let backend_type = |s: &Settings| match &s.backend {
+        BackendSettings::Local(_) => "local",
+        BackendSettings::Pkcs11(_) => "pkcs11",
+        BackendSettings::Aws(_) => "aws",
+        BackendSettings::Vault(_) => "vault",
+    };
+    let fixed: [(&str, bool); 11] = [
+        ("shutdown_grace", old.shutdown_grace != new.shutdown_grace),
+        ("socket.path", old.socket.path != new.socket.path),
+        ("socket.mode", old.socket.mode != new.socket.mode),
+        ("socket.group", old.socket.group != new.socket.group),
+        (
+            "socket.max_connections",
+            old.socket.max_connections != new.socket.max_connections,
+        ),
+        ("backend.type", backend_type(old) != backend_type(new)),
+        (
+            "metrics",
+            old.metrics.enabled != new.metrics.enabled || old.metrics.address != new.metrics.address,
+        ),
+        (
+            "process",
+            old.process.worker_threads != new.process.worker_threads || old.process.mlock != new.process.mlock,
+        ),
+        ("status.version", old.status.version != new.status.version),
+        ("kek.cache_capacity", old.kek.cache_capacity != new.kek.cache_capacity),
+        ("log.format", old.log.format != new.log.format),
+    ];
+    match fixed.iter().find(|(_, changed)| *changed) {
+        Some((field, _)) => Err(format!(
+            "{field} cannot change in a running plugin; restart it to apply (nothing was reloaded)"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A hash of the config file and of every file it names, by content (through symlinks).
+fn fingerprint(path: &Path, settings: &Settings) -> Vec<u8> {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    for file in std::iter::once(path.to_path_buf()).chain(settings.backend.files()) {
+        ctx.update(file.as_os_str().as_encoded_bytes());
+        match read_bounded(&file) {
+            Ok(bytes) => ctx.update(digest::digest(&digest::SHA256, &bytes).as_ref()),
+            Err(e) => ctx.update(format!("error: {:?}", e.kind()).as_bytes()),
+        }
+    }
+    ctx.finish().as_ref().to_vec()
+}
+
+/// Reads up to 1 MiB without blocking on a FIFO (only hashed, never kept).
+fn read_bounded(path: &Path) -> std::io::Result<zeroize::Zeroizing<Vec<u8>>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut buf = zeroize::Zeroizing::new(Vec::new());
+    file.take(1 << 20).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// Default `reload.interval`.
+pub fn default_interval() -> Duration {
+    Duration::from_secs(10)
+}
