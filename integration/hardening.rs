@@ -580,3 +580,54 @@ async fn dev_mode_takes_overrides_and_a_free_port() {
     assert!(plugin.wait_log("reason=\"uses\"").await, "{}", plugin.logs());
     plugin.stop().await;
 }
+
+#[tokio::test]
+async fn a_flood_from_another_uid_never_displaces_our_connections() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("NOTE: not root; cannot run a peer under another uid here");
+        return;
+    }
+    let dir = Dir::new();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir(dir.path("run")).unwrap();
+    std::fs::set_permissions(dir.path("run"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = dir.write_config(&format!(
+        "[socket]\npath = {:?}\nmode = \"0666\"\nmax_connections = 16\n[backend]\ntype = \"local\"\ncurrent_key_file = {:?}\n",
+        dir.socket(),
+        dir.key("root.key").display().to_string()
+    ));
+    let plugin = Plugin::start(&config).await;
+    // uid 65534 opens connections as fast as it can, keeping the last 100.
+    let flood = "import socket,sys,time\nc=[]\nend=time.time()+float(sys.argv[2])\nwhile time.time()<end:\n  try:\n    s=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1]);c.append(s)\n    if len(c)>100: c.pop(0).close()\n  except Exception: time.sleep(0.001)\n";
+    let mut attacker = Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            flood,
+        ])
+        .arg(&plugin.socket)
+        .arg("6")
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..20 {
+        legitimate_calls_work(&plugin).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = attacker.kill();
+    let _ = attacker.wait();
+    assert!(
+        plugin
+            .metric("kms_plugin_socket_connections_closed_total{reason=\"evicted\"}")
+            .await
+            > 100.0,
+        "the flood did not fill the table"
+    );
+    plugin.stop().await;
+}

@@ -4,8 +4,9 @@
 //!   check is made on the opened file: the file checked is the file read;
 //! - a regular file, owned by this process's user or by root;
 //! - its mode denies the bits the caller names (group and others, for a root key);
-//! - the directory it is in (and the directory of the file a symlink points to) is owned by
-//!   this user or root and not writable by group or others, who could otherwise swap the file
+//! - the directory it is in (and the directory of the file a symlink points to), and every
+//!   directory above, is owned by this user or root and not writable by group or others, who
+//!   could otherwise swap the file or a directory on its path
 //!   (a sticky directory, such as the root of a kubelet Secret or projected volume, is fine:
 //!   there others cannot rename or remove what they do not own);
 //! - read whole into a zeroizing buffer, up to a bound.
@@ -113,17 +114,31 @@ pub fn open(path: &Path, policy: &Policy) -> Result<(File, fs::Metadata), Secret
 }
 
 fn check_directory(path: &Path, dir: &Path, me: u32) -> Result<(), SecretFileError> {
-    let meta = fs::metadata(dir).map_err(|source| io(dir, source))?;
-    let sticky = meta.mode() & 0o1000 != 0;
-    if (meta.mode() & 0o022 != 0 && !sticky) || (meta.uid() != me && meta.uid() != 0) {
-        return Err(SecretFileError::UnsafeDirectory {
-            path: path.to_owned(),
-            dir: dir.to_owned(),
-            mode: meta.mode() & 0o7777,
-            uid: meta.uid(),
-        });
+    unsafe_ancestor(dir, me)
+        .map_err(|source| io(dir, source))?
+        .map_or(Ok(()), |(dir, mode, uid)| {
+            Err(SecretFileError::UnsafeDirectory {
+                path: path.to_owned(),
+                dir,
+                mode,
+                uid,
+            })
+        })
+}
+
+/// The first of `dir` and its ancestors (symlinks resolved) that another user could use to
+/// replace what is below it: writable by group or others without the sticky bit, or owned by
+/// a user other than `me` and root. Returns (directory, mode, owner).
+pub fn unsafe_ancestor(dir: &Path, me: u32) -> std::io::Result<Option<(PathBuf, u32, u32)>> {
+    let real = fs::canonicalize(dir)?;
+    for ancestor in real.ancestors() {
+        let meta = fs::metadata(ancestor)?;
+        let sticky = meta.mode() & 0o1000 != 0;
+        if (meta.mode() & 0o022 != 0 && !sticky) || (meta.uid() != me && meta.uid() != 0) {
+            return Ok(Some((ancestor.to_owned(), meta.mode() & 0o7777, meta.uid())));
+        }
     }
-    Ok(())
+    Ok(None)
 }
 
 fn io(path: &Path, source: std::io::Error) -> SecretFileError {
@@ -165,6 +180,20 @@ mod tests {
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o1777)).unwrap();
         assert!(read(&p, &KEY).is_ok());
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).unwrap();
+
+        // An unsafe directory higher up is as bad: it could be renamed away.
+        let nested = dir.path().join("a/b");
+        fs::create_dir_all(&nested).unwrap();
+        let deep = nested.join("k");
+        fs::write(&deep, b"x").unwrap();
+        fs::set_permissions(&deep, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::set_permissions(dir.path().join("a"), fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(
+            read(&deep, &KEY),
+            Err(SecretFileError::UnsafeDirectory { .. })
+        ));
+        fs::set_permissions(dir.path().join("a"), fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(read(&deep, &KEY).is_ok());
 
         // A symlink from a safe directory into an unsafe one is refused too.
         let open_dir = dir.path().join("open");

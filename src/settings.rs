@@ -422,6 +422,9 @@ fn octal_mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
 /// Environment variables that override the file: `KMS_PLUGIN_SECTION__FIELD`.
 const ENV_PREFIX: &str = "KMS_PLUGIN_";
 
+/// Top-level keys that are not sections.
+const TOP_LEVEL_KEYS: &[&str] = &["shutdown_grace"];
+
 /// Settings that are lists; from the environment they are comma-separated.
 const LIST_KEYS: &[&str] = &[
     "socket.allowed_uids",
@@ -476,6 +479,11 @@ impl Settings {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
+            // Settings are SECTION__FIELD, or a top-level key; other KMS_PLUGIN_* variables
+            // (a PIN in `pin_env = "KMS_PLUGIN_PIN"`, say) are not settings.
+            if !rest.contains("__") && !TOP_LEVEL_KEYS.contains(&rest.to_ascii_lowercase().as_str()) {
+                continue;
+            }
             let key = rest.to_ascii_lowercase().replace("__", ".");
             from_env = true;
             // Values stay strings (the config crate converts them to numbers on
@@ -689,6 +697,10 @@ mod tests {
                 ("KMS_PLUGIN_BACKEND__DECRYPT_ONLY_KEY_FILES", "/a.key,/b.key"),
                 ("KMS_PLUGIN_SOCKET__MODE", "0660"),
                 ("KMS_PLUGIN_KEK__MAX_USES", "10"),
+                ("KMS_PLUGIN_SHUTDOWN_GRACE", "3s"),
+                // A PIN variable (pin_env) is not a setting.
+                ("KMS_PLUGIN_PIN", "1234"),
+                ("KMS_PLUGIN_PKCS11_PIN", "1234"),
                 ("UNRELATED", "x"),
             ]),
         )

@@ -9,6 +9,7 @@ pub mod delay;
 pub mod local;
 pub mod pkcs11;
 pub mod refused;
+pub mod tls;
 pub mod vault;
 
 use async_trait::async_trait;

@@ -248,13 +248,21 @@ impl KekCache {
     }
 
     async fn wait_for_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Miss> {
+        /// Gives the queue place back however the wait ends, a caller's cancellation included.
+        struct Place<'a>(&'a AtomicUsize);
+        impl Drop for Place<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Relaxed);
+            }
+        }
+        let place = Place(&self.waiting);
         if self.waiting.fetch_add(1, Relaxed) >= MAX_WAITING {
-            self.waiting.fetch_sub(1, Relaxed);
+            drop(place);
             self.stats.busy.inc();
             return Err(Miss::Busy);
         }
         let permit = tokio::time::timeout(MAX_WAIT, Arc::clone(&self.slots).acquire_owned()).await;
-        self.waiting.fetch_sub(1, Relaxed);
+        drop(place);
         match permit {
             Ok(Ok(permit)) => Ok(permit),
             _ => {
@@ -487,6 +495,34 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(1));
         assert_eq!(cache.stats.busy.get(), 1);
         for t in tasks {
+            t.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn cancelled_waits_give_their_queue_place_back() {
+        let cache = KekCache::new(NonZeroUsize::new(4).unwrap());
+        let mut busy = Vec::new();
+        for i in 0..MAX_INFLIGHT {
+            let cache = Arc::clone(&cache);
+            busy.push(tokio::spawn(async move {
+                let _ = cache
+                    .get_or_fetch(KekRef::new("k", &i.to_be_bytes()), "k", std::future::pending)
+                    .await;
+            }));
+        }
+        while cache.slots.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        // Twice the queue's size of waiters that give up (the apiserver's deadline).
+        for i in 0..(2 * MAX_WAITING) {
+            let r = KekRef::new("w", &i.to_be_bytes());
+            let wait = cache.get_or_fetch(r, "w", std::future::pending);
+            assert!(tokio::time::timeout(Duration::from_millis(1), wait).await.is_err());
+        }
+        assert_eq!(cache.waiting.load(Relaxed), 0);
+        assert_eq!(cache.stats.busy.get(), 0);
+        for t in busy {
             t.abort();
         }
     }

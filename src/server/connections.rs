@@ -2,8 +2,11 @@
 //! descriptors or memory with connections, and a client that connects and calls always gets in.
 //!
 //! - At most `max` connections. When the table is full, a new connection evicts one that has no
-//!   call in progress: first one that never made a call (oldest first), else the one idle
-//!   longest. Only if every connection has a call in progress is the new one closed.
+//!   call in progress, told apart by the peer's uid: one of the newcomer's own uid if it has
+//!   any, else one of the uid holding the most connections; among those, first one that never
+//!   made a call, else the one idle longest. So a peer flooding the table only ever displaces
+//!   its own connections, never another uid's (the apiserver's). If no connection can go, the
+//!   new one is closed.
 //! - A connection that has not sent the 24-byte HTTP/2 preface within [`HANDSHAKE_TIMEOUT`] is
 //!   closed (half-open or silent peers).
 //! - A connection with no call for [`IDLE_TIMEOUT`] is closed. The apiserver calls Status at
@@ -44,6 +47,8 @@ struct Reason {
 /// One connection's counters, shared by its stream, the table and the calls on it.
 pub struct Conn {
     id: u64,
+    /// The peer's uid (SO_PEERCRED), None if unknown.
+    uid: Option<u32>,
     /// A duplicate of the socket, to shut it down from outside the connection's task.
     fd: OwnedFd,
     opened: Instant,
@@ -154,14 +159,10 @@ impl Connections {
                 return None;
             }
         };
+        let uid = stream.peer_cred().ok().map(|c| c.uid());
         let mut table = self.lock();
         if table.conns.len() >= self.max {
-            let victim = table
-                .conns
-                .values()
-                .filter(|c| c.active.load(Relaxed) == 0)
-                .max_by_key(|c| (c.calls.load(Relaxed) == 0, c.idle_for()))
-                .cloned();
+            let victim = victim(&table, uid);
             match victim {
                 Some(victim) => {
                     table.conns.remove(&victim.id);
@@ -185,6 +186,7 @@ impl Connections {
         table.next_id += 1;
         let conn = Arc::new(Conn {
             id: table.next_id,
+            uid,
             fd,
             opened: Instant::now(),
             bytes_read: AtomicU64::new(0),
@@ -237,6 +239,26 @@ impl Connections {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The connection to close for a newcomer of `uid` (see the module documentation).
+fn victim(table: &Table, uid: Option<u32>) -> Option<Arc<Conn>> {
+    let idlest = |of: Option<u32>| {
+        table
+            .conns
+            .values()
+            .filter(|c| c.uid == of && c.active.load(Relaxed) == 0)
+            .max_by_key(|c| (c.calls.load(Relaxed) == 0, c.idle_for()))
+            .cloned()
+    };
+    idlest(uid).or_else(|| {
+        let mut held: HashMap<Option<u32>, usize> = HashMap::new();
+        for c in table.conns.values() {
+            *held.entry(c.uid).or_default() += 1;
+        }
+        let hog = held.into_iter().max_by_key(|(_, n)| *n)?.0;
+        idlest(hog)
+    })
 }
 
 /// An accepted connection in the table; leaves the table when the server drops it.

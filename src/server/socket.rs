@@ -106,18 +106,24 @@ pub fn preflight(address: &SocketAddress, group: Option<&str>) -> Result<(), Soc
 }
 
 fn check_directory(address: &SocketAddress, dir: &Path) -> Result<(), SocketError> {
-    let meta = fs::metadata(dir).map_err(|source| SocketError::Io {
+    let io = |source| SocketError::Io {
         addr: address.clone(),
         what: "stat parent directory",
         source,
-    })?;
+    };
+    let meta = fs::metadata(dir).map_err(io)?;
     let me = rustix::process::geteuid().as_raw();
+    // The socket's own directory: not even sticky (others could bind the name first).
     if meta.mode() & 0o022 != 0 || (meta.uid() != me && meta.uid() != 0) {
         return Err(SocketError::UnsafeDirectory {
             dir: dir.to_owned(),
             mode: meta.mode() & 0o7777,
             uid: meta.uid(),
         });
+    }
+    // Above it, nothing another user could rename away and replace.
+    if let Some((dir, mode, uid)) = crate::secret_file::unsafe_ancestor(dir, me).map_err(io)? {
+        return Err(SocketError::UnsafeDirectory { dir, mode, uid });
     }
     Ok(())
 }

@@ -148,6 +148,10 @@ impl Token {
     fn due(&self) -> bool {
         self.lease.is_some_and(|lease| self.obtained.elapsed() >= lease * 2 / 3)
     }
+
+    fn expired(&self) -> bool {
+        self.lease.is_some_and(|lease| self.obtained.elapsed() >= lease)
+    }
 }
 
 #[derive(Default)]
@@ -157,6 +161,9 @@ struct State {
     token_file_stamp: Option<(SystemTime, u64, u64)>,
     failures: u32,
     not_before: Option<Instant>,
+    /// What the last failed login was (an outage, or a refused credential), repeated while
+    /// the back-off lasts: an outage must not look like a revocation.
+    last_failure: Option<ErrorKind>,
 }
 
 /// The backend's Vault identity.
@@ -200,7 +207,15 @@ impl Auth {
             if token.renewable && self.renew(http, &mut state).await.is_ok() {
                 tracing::debug!(method = self.method(), "vault token renewed");
             } else if !matches!(self.method, Method_::Token { .. }) {
-                state.token = None;
+                // A fresh login; if that fails (say, an outage), the old token serves on
+                // until its lease really ends.
+                let old = state.token.take();
+                if let Err(e) = self.login(http, &mut state).await {
+                    match old {
+                        Some(old) if !old.expired() => state.token = Some(old),
+                        _ => return Err(e),
+                    }
+                }
             }
         }
         if state.token.is_none() {
@@ -253,7 +268,7 @@ impl Auth {
             && Instant::now() < at
         {
             return Err(BackendError::new(
-                ErrorKind::Denied,
+                state.last_failure.unwrap_or(ErrorKind::Transient),
                 format!(
                     "vault {} login failed recently; next attempt in {} ms",
                     self.method(),
@@ -265,6 +280,7 @@ impl Auth {
             Ok(token) => {
                 state.failures = 0;
                 state.not_before = None;
+                state.last_failure = None;
                 tracing::info!(
                     method = self.method(),
                     lease_s = token.lease.map(|l| l.as_secs()),
@@ -279,6 +295,7 @@ impl Auth {
                 let backoff =
                     Duration::from_secs(1 << state.failures.min(6).saturating_sub(1)).min(Duration::from_secs(60));
                 state.not_before = Some(Instant::now() + backoff);
+                state.last_failure = Some(e.kind);
                 tracing::warn!(method = self.method(), error = %e, backoff_s = backoff.as_secs(), "vault login failed");
                 Err(e)
             }
