@@ -96,7 +96,7 @@ fn every_example_config_parses() {
         }
     }
     seen.sort();
-    for backend in ["aws", "pkcs11", "vault"] {
+    for backend in ["aws", "kmip", "pkcs11", "vault"] {
         assert!(
             seen.iter().any(|s| s == backend),
             "deploy/examples/{backend}.toml missing; have {seen:?}"

@@ -9,6 +9,7 @@ mod cli;
 mod deploy;
 mod hardening;
 mod hierarchy;
+mod kmip;
 mod ops;
 mod pkcs11;
 mod protocol;

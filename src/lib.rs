@@ -111,6 +111,7 @@ pub async fn build_backend(settings: &Settings) -> Result<Arc<dyn Backend>, Star
             )
         }
         BackendSettings::Vault(v) => Arc::new(backend::vault::VaultBackend::new(v).map_err(StartError::Backend)?),
+        BackendSettings::Kmip(k) => Arc::new(backend::kmip::KmipBackend::new(k).map_err(StartError::Backend)?),
     };
     Ok(match settings.bench.backend_latency {
         Some(latency) => {

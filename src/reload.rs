@@ -197,6 +197,7 @@ fn fixed_fields_unchanged(old: &Settings, new: &Settings) -> Result<(), String> 
         BackendSettings::Pkcs11(_) => "pkcs11",
         BackendSettings::Aws(_) => "aws",
         BackendSettings::Vault(_) => "vault",
+        BackendSettings::Kmip(_) => "kmip",
     };
     let fixed: [(&str, bool); 11] = [
         ("shutdown_grace", old.shutdown_grace != new.shutdown_grace),

@@ -180,6 +180,7 @@ pub enum BackendSettings {
     Pkcs11(Pkcs11Settings),
     Aws(AwsSettings),
     Vault(Box<crate::backend::vault::VaultSettings>),
+    Kmip(Box<crate::backend::kmip::KmipSettings>),
 }
 
 /// Root keys in local files (the embedded default).
@@ -252,6 +253,7 @@ impl BackendSettings {
             BackendSettings::Pkcs11(p) => p.pin_file.iter().cloned().collect(),
             BackendSettings::Aws(_) => Vec::new(),
             BackendSettings::Vault(v) => v.files(),
+            BackendSettings::Kmip(k) => k.files(),
         }
     }
 }
@@ -520,7 +522,7 @@ impl Settings {
         let config = builder.build().map_err(|e| SettingsError(e.to_string()))?;
         if config.get_table("backend").is_err() {
             return Err(SettingsError(
-                "backend: missing; add a [backend] section with type = \"local\", \"pkcs11\", \"aws\" or \"vault\""
+                "backend: missing; add a [backend] section with type = \"local\", \"pkcs11\", \"aws\", \"vault\" or \"kmip\""
                     .into(),
             ));
         }
@@ -530,7 +532,7 @@ impl Settings {
             .map_err(|e| SettingsError(e.to_string()))?;
         let kind = config.get_string("backend.type").map_err(|_| {
             SettingsError(
-                "backend.type: missing; add a [backend] section with type = \"local\", \"pkcs11\", \"aws\" or \"vault\"".into(),
+                "backend.type: missing; add a [backend] section with type = \"local\", \"pkcs11\", \"aws\", \"vault\" or \"kmip\"".into(),
             )
         })?;
         // A config of its own for the backend table, so errors carry the field's path.
@@ -554,9 +556,10 @@ impl Settings {
             "pkcs11" => BackendSettings::Pkcs11(get(&sub)?),
             "aws" => BackendSettings::Aws(get(&sub)?),
             "vault" => BackendSettings::Vault(get(&sub)?),
+            "kmip" => BackendSettings::Kmip(get(&sub)?),
             other => {
                 return Err(SettingsError(format!(
-                    "backend.type: unknown backend {other:?} (local, pkcs11, aws or vault)"
+                    "backend.type: unknown backend {other:?} (local, pkcs11, aws, vault or kmip)"
                 )));
             }
         };

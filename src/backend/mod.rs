@@ -6,6 +6,7 @@
 
 pub mod aws;
 pub mod delay;
+pub mod kmip;
 pub mod local;
 pub mod pkcs11;
 pub mod refused;

@@ -1,0 +1,687 @@
+//! KMIP backend (OASIS KMIP 1.4 over mutual TLS): Thales CipherTrust, Fortanix DSM, Entrust
+//! KeyControl, IBM GKLM, Vault Enterprise's KMIP engine, PyKMIP …
+//!
+//! The root key is a symmetric AES key on the key manager; its material never leaves it (no
+//! Get). A local KEK is wrapped with the server's Encrypt in AES-GCM with a fresh random 96-bit
+//! IV and AAD binding the key_id; the blob is `0x01 ‖ IV ‖ tag ‖ ciphertext`. Decrypt repeats
+//! IV, tag and AAD.
+//!
+//! The current key is named by KMIP Name or Unique Identifier. A name is resolved with Locate
+//! at start and at every probe (the newest Active key carrying it), so re-pointing a name to a
+//! new key is a rotation the probe picks up with no restart; keys seen before stay usable for
+//! the process's life (list their Unique Identifiers in `decrypt_only_keys` across restarts).
+//! key_id = `kmip:` + 128 bits of a SHA-256 of the Unique Identifier and a key check value
+//! (Encrypt of a constant under a fixed IV): the same on every node that shares the server,
+//! new when the current key changes, and never the same for keys of two servers.
+//!
+//! The probe checks the current key's State: anything but Active (Deactivated, Compromised,
+//! Destroyed) is KeyUnusable and its cached KEKs are purged; a decrypt-only key that is
+//! Compromised or Destroyed is refused the same way. Authentication and permission failures are
+//! Denied; connection failures and timeouts a transient outage.
+//!
+//! Operations used: Locate, Get Attributes, Encrypt, Decrypt, protocol 1.4 (the first with
+//! authenticated-encryption additional data and tags in Encrypt/Decrypt); the server needs the
+//! symmetric key lifecycle and AES-GCM cryptographic operations.
+
+pub mod ttlv;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ring::digest;
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio_rustls::client::TlsStream;
+use zeroize::Zeroizing;
+
+use super::{Backend, BackendError, ErrorKind, Wrapped};
+use crate::keys::{KEY_LEN, Kek};
+use ttlv::{Item, Value, tag};
+
+const ID_DOMAIN: &[u8] = b"kms-plugin/kmip-key-id/v1\0";
+const KCV_AAD: &[u8] = b"kms-plugin/kmip-key-check-value/v1";
+const BLOB_VERSION: u8 = 1;
+const IV_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+
+mod op {
+    pub const LOCATE: u32 = 0x08;
+    pub const GET_ATTRIBUTES: u32 = 0x0B;
+    pub const ENCRYPT: u32 = 0x1F;
+    pub const DECRYPT: u32 = 0x20;
+}
+
+/// KMIP State enumeration.
+const STATE_ACTIVE: u32 = 2;
+const STATE_NAMES: [&str; 7] = [
+    "unknown",
+    "Pre-Active",
+    "Active",
+    "Deactivated",
+    "Compromised",
+    "Destroyed",
+    "Destroyed Compromised",
+];
+
+/// `[backend]` with `type = "kmip"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KmipSettings {
+    #[serde(rename = "type")]
+    _type: String,
+    /// `host:port` (port 5696 if omitted).
+    pub address: String,
+    /// CA bundle that signed the server's certificate; else the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// The client certificate and key the server authenticates (KMIP requires mutual TLS).
+    pub client_cert_file: PathBuf,
+    pub client_key_file: PathBuf,
+    /// Name to verify the server's certificate against, when the address does not carry it.
+    pub tls_server_name: Option<String>,
+    /// Optional username/password credential; the password is read from this file.
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// The current key by KMIP Name (resolved at every probe) …
+    pub key_name: Option<String>,
+    /// … or by Unique Identifier.
+    pub key_uid: Option<String>,
+    /// Unique Identifiers of older keys, kept to decrypt data written under them.
+    #[serde(default)]
+    pub decrypt_only_keys: Vec<String>,
+    /// Connections kept open to the server (bounds concurrent KMIP calls).
+    #[serde(default = "default_pool")]
+    pub pool_size: usize,
+    #[serde(default = "default_call_timeout", deserialize_with = "crate::settings::duration")]
+    pub call_timeout: Duration,
+}
+
+fn default_pool() -> usize {
+    4
+}
+
+fn default_call_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+impl KmipSettings {
+    /// Every file these settings name (for change detection by a reload).
+    pub fn files(&self) -> Vec<PathBuf> {
+        [
+            self.ca_file.as_ref(),
+            Some(&self.client_cert_file),
+            Some(&self.client_key_file),
+            self.password_file.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect()
+    }
+}
+
+/// What identifies the current key in the settings.
+enum CurrentRef {
+    Name(String),
+    Uid(String),
+}
+
+/// A key this process has resolved.
+#[derive(Clone)]
+struct Known {
+    uid: String,
+    /// Why it must not be used, if the probe saw it Compromised or Destroyed.
+    unusable: Option<String>,
+}
+
+/// A KMIP key manager.
+pub struct KmipBackend {
+    host: String,
+    port: u16,
+    server_name: rustls::pki_types::ServerName<'static>,
+    tls: tokio_rustls::TlsConnector,
+    credential: Option<(String, Zeroizing<String>)>,
+    current_ref: CurrentRef,
+    decrypt_only: Vec<String>,
+    idle: Mutex<Vec<TlsStream<TcpStream>>>,
+    slots: Semaphore,
+    timeout: Duration,
+    /// key_id → key, for every key resolved so far.
+    known: Mutex<HashMap<String, Known>>,
+    /// Unique Identifier → key check value, computed once per key.
+    kcv: Mutex<HashMap<String, Vec<u8>>>,
+    current: Mutex<Option<(String, String)>>,
+    rng: SystemRandom,
+}
+
+impl KmipBackend {
+    /// Builds the client from the settings; the server is first reached by the probe.
+    pub fn new(s: &KmipSettings) -> Result<Self, String> {
+        let (host, port) = match s.address.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+                h.trim_matches(['[', ']']).to_string(),
+                p.parse().map_err(|_| format!("address {:?}: bad port", s.address))?,
+            ),
+            _ => (s.address.trim_matches(['[', ']']).to_string(), 5696),
+        };
+        let name = s.tls_server_name.clone().unwrap_or_else(|| host.clone());
+        let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+            .map_err(|e| format!("tls_server_name {name:?}: {e}"))?;
+        let tls = super::tls::client_config(
+            s.ca_file.as_deref(),
+            Some(&s.client_cert_file),
+            Some(&s.client_key_file),
+        )?;
+        let credential = match (&s.username, &s.password_file) {
+            (Some(user), Some(file)) => {
+                let policy = crate::secret_file::Policy {
+                    deny_mode: 0o077,
+                    max_len: 4096,
+                };
+                let bytes = crate::secret_file::read(file, &policy).map_err(|e| format!("password_file {e}"))?;
+                let text = std::str::from_utf8(&bytes).map_err(|_| "password_file: not UTF-8".to_string())?;
+                Some((
+                    user.clone(),
+                    Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string()),
+                ))
+            }
+            (None, None) => None,
+            _ => return Err("backend: set both username and password_file, or neither".into()),
+        };
+        let current_ref = match (&s.key_name, &s.key_uid) {
+            (Some(n), None) => CurrentRef::Name(n.clone()),
+            (None, Some(u)) => CurrentRef::Uid(u.clone()),
+            _ => return Err("backend: set exactly one of key_name and key_uid".into()),
+        };
+        Ok(Self {
+            host,
+            port,
+            server_name,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            credential,
+            current_ref,
+            decrypt_only: s.decrypt_only_keys.clone(),
+            idle: Mutex::new(Vec::new()),
+            slots: Semaphore::new(s.pool_size.max(1)),
+            timeout: s.call_timeout,
+            known: Mutex::new(HashMap::new()),
+            kcv: Mutex::new(HashMap::new()),
+            current: Mutex::new(None),
+            rng: SystemRandom::new(),
+        })
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<String, Known>> {
+        self.known.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn connect(&self) -> Result<TlsStream<TcpStream>, BackendError> {
+        let tcp = TcpStream::connect((self.host.as_str(), self.port)).await.map_err(|e| {
+            BackendError::new(
+                ErrorKind::Transient,
+                format!("kmip connect {}:{}: {e}", self.host, self.port),
+            )
+        })?;
+        let _ = tcp.set_nodelay(true);
+        self.tls.connect(self.server_name.clone(), tcp).await.map_err(|e| {
+            let kind = if super::tls::is_tls_refusal(&e) {
+                ErrorKind::Denied
+            } else {
+                ErrorKind::Transient
+            };
+            BackendError::new(kind, format!("kmip TLS handshake: {}", super::tls::error_chain(&e)))
+        })
+    }
+
+    /// One request/response on a pooled connection; a pooled connection the server has closed
+    /// is replaced once.
+    async fn exchange(&self, request: &[u8]) -> Result<Item, BackendError> {
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| BackendError::new(ErrorKind::Transient, "kmip pool closed"))?;
+        let call = async {
+            let pooled = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
+            let (mut conn, reused) = match pooled {
+                Some(c) => (c, true),
+                None => (self.connect().await?, false),
+            };
+            let mut result = roundtrip(&mut conn, request).await;
+            if result.is_err() && reused {
+                conn = self.connect().await?;
+                result = roundtrip(&mut conn, request).await;
+            }
+            let response = result.map_err(|e| BackendError::new(ErrorKind::Transient, format!("kmip: {e}")))?;
+            self.idle.lock().unwrap_or_else(PoisonError::into_inner).push(conn);
+            Ok(response)
+        };
+        tokio::time::timeout(self.timeout, call).await.unwrap_or_else(|_| {
+            Err(BackendError::new(
+                ErrorKind::Transient,
+                format!("kmip: no answer within {} ms", self.timeout.as_millis()),
+            ))
+        })
+    }
+
+    /// Runs one operation; returns its response payload, or the server's refusal classified.
+    async fn operation(&self, operation: u32, payload: Vec<Item>) -> Result<Item, BackendError> {
+        let mut header = vec![
+            Item::structure(
+                tag::PROTOCOL_VERSION,
+                vec![
+                    Item::new(tag::PROTOCOL_VERSION_MAJOR, Value::Integer(1)),
+                    // 1.4: the first version with authenticated-encryption data in Encrypt/Decrypt.
+                    Item::new(tag::PROTOCOL_VERSION_MINOR, Value::Integer(4)),
+                ],
+            ),
+            Item::new(tag::BATCH_COUNT, Value::Integer(1)),
+        ];
+        if let Some((user, password)) = &self.credential {
+            header.insert(
+                1,
+                Item::structure(
+                    tag::AUTHENTICATION,
+                    vec![Item::structure(
+                        tag::CREDENTIAL,
+                        vec![
+                            Item::new(tag::CREDENTIAL_TYPE, Value::Enumeration(1)),
+                            Item::structure(
+                                tag::CREDENTIAL_VALUE,
+                                vec![
+                                    Item::new(tag::USERNAME, Value::Text(user.clone())),
+                                    Item::new(tag::PASSWORD, Value::Text(password.to_string())),
+                                ],
+                            ),
+                        ],
+                    )],
+                ),
+            );
+        }
+        let message = Item::structure(
+            tag::REQUEST_MESSAGE,
+            vec![
+                Item::structure(tag::REQUEST_HEADER, header),
+                Item::structure(
+                    tag::BATCH_ITEM,
+                    vec![
+                        Item::new(tag::OPERATION, Value::Enumeration(operation)),
+                        Item::structure(tag::REQUEST_PAYLOAD, payload),
+                    ],
+                ),
+            ],
+        );
+        let mut bytes = Zeroizing::new(Vec::new());
+        message.encode(&mut bytes);
+        wipe(message);
+        let response = self.exchange(&bytes).await?;
+        let item = response
+            .child(tag::BATCH_ITEM)
+            .ok_or_else(|| BackendError::new(ErrorKind::Transient, "kmip: response without a batch item"))?;
+        let status = item.child(tag::RESULT_STATUS).and_then(Item::as_enum);
+        if status == Some(0) {
+            return Ok(item
+                .child(tag::RESPONSE_PAYLOAD)
+                .cloned()
+                .unwrap_or_else(|| Item::structure(tag::RESPONSE_PAYLOAD, Vec::new())));
+        }
+        let reason = item.child(tag::RESULT_REASON).and_then(Item::as_enum).unwrap_or(0);
+        let message: String = item
+            .child(tag::RESULT_MESSAGE)
+            .and_then(Item::as_text)
+            .unwrap_or("")
+            .chars()
+            .take(200)
+            .collect();
+        let kind = match reason {
+            // Authentication Not Successful, Permission Denied.
+            0x03 | 0x0C => ErrorKind::Denied,
+            // Item Not Found, Object Archived, Wrong Key Lifecycle State.
+            0x01 | 0x0D | 0x0F => ErrorKind::KeyUnusable,
+            // Cryptographic Failure: the blob does not authenticate.
+            0x0A if operation == op::DECRYPT => ErrorKind::BadWrappedKey,
+            _ => ErrorKind::Transient,
+        };
+        Err(BackendError::new(
+            kind,
+            format!("kmip operation {operation:#04x} refused (reason {reason:#x}): {message}"),
+        ))
+    }
+
+    /// State and Initial Date of `uid`.
+    async fn state(&self, uid: &str) -> Result<(u32, i64), BackendError> {
+        let payload = self
+            .operation(
+                op::GET_ATTRIBUTES,
+                vec![
+                    Item::new(tag::UNIQUE_IDENTIFIER, Value::Text(uid.to_string())),
+                    Item::new(tag::ATTRIBUTE_NAME, Value::Text("State".into())),
+                    Item::new(tag::ATTRIBUTE_NAME, Value::Text("Initial Date".into())),
+                ],
+            )
+            .await?;
+        let mut state = None;
+        let mut initial = 0;
+        for attr in payload.children(tag::ATTRIBUTE) {
+            let value = attr.child(tag::ATTRIBUTE_VALUE);
+            match attr.child(tag::ATTRIBUTE_NAME).and_then(Item::as_text) {
+                Some("State") => state = value.and_then(Item::as_enum),
+                Some("Initial Date") => initial = value.and_then(Item::as_datetime).unwrap_or(0),
+                _ => {}
+            }
+        }
+        let state =
+            state.ok_or_else(|| BackendError::new(ErrorKind::Transient, format!("kmip: no State for key {uid:?}")))?;
+        Ok((state, initial))
+    }
+
+    /// The Unique Identifier the settings' current key names now.
+    async fn resolve_current(&self) -> Result<String, BackendError> {
+        let name = match &self.current_ref {
+            CurrentRef::Uid(uid) => return Ok(uid.clone()),
+            CurrentRef::Name(name) => name,
+        };
+        let payload = self
+            .operation(
+                op::LOCATE,
+                vec![Item::structure(
+                    tag::ATTRIBUTE,
+                    vec![
+                        Item::new(tag::ATTRIBUTE_NAME, Value::Text("Name".into())),
+                        Item::structure(
+                            tag::ATTRIBUTE_VALUE,
+                            vec![
+                                Item::new(tag::NAME_VALUE, Value::Text(name.clone())),
+                                Item::new(tag::NAME_TYPE, Value::Enumeration(1)),
+                            ],
+                        ),
+                    ],
+                )],
+            )
+            .await?;
+        let uids: Vec<String> = payload
+            .children(tag::UNIQUE_IDENTIFIER)
+            .filter_map(Item::as_text)
+            .map(str::to_string)
+            .collect();
+        // Several keys may carry the name during a rotation: the newest Active one is current.
+        let mut best: Option<(i64, String)> = None;
+        let mut seen_states = Vec::new();
+        for uid in uids {
+            let (state, initial) = self.state(&uid).await?;
+            seen_states.push(state);
+            if state == STATE_ACTIVE && best.as_ref().is_none_or(|(t, u)| (initial, &uid) > (*t, u)) {
+                best = Some((initial, uid));
+            }
+        }
+        best.map(|(_, uid)| uid).ok_or_else(|| {
+            BackendError::new(
+                ErrorKind::KeyUnusable,
+                format!(
+                    "kmip: no Active key named {name:?} ({} found{})",
+                    seen_states.len(),
+                    if seen_states.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            ", states {:?}",
+                            seen_states.iter().map(|s| state_name(*s)).collect::<Vec<_>>()
+                        )
+                    }
+                ),
+            )
+        })
+    }
+
+    async fn encrypt(&self, uid: &str, data: &[u8], iv: &[u8], aad: &[u8]) -> Result<(Vec<u8>, Vec<u8>), BackendError> {
+        let payload = self
+            .operation(
+                op::ENCRYPT,
+                vec![
+                    Item::new(tag::UNIQUE_IDENTIFIER, Value::Text(uid.to_string())),
+                    gcm_parameters(),
+                    Item::new(tag::DATA, Value::Bytes(data.to_vec())),
+                    Item::new(tag::IV_COUNTER_NONCE, Value::Bytes(iv.to_vec())),
+                    Item::new(
+                        tag::AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA,
+                        Value::Bytes(aad.to_vec()),
+                    ),
+                ],
+            )
+            .await?;
+        let ct = payload.child(tag::DATA).and_then(Item::as_bytes);
+        let auth = payload
+            .child(tag::AUTHENTICATED_ENCRYPTION_TAG)
+            .and_then(Item::as_bytes);
+        match (ct, auth) {
+            (Some(ct), Some(auth)) if auth.len() == TAG_LEN => Ok((ct.to_vec(), auth.to_vec())),
+            _ => Err(BackendError::new(
+                ErrorKind::Transient,
+                "kmip Encrypt: answer without data or a 16-byte tag",
+            )),
+        }
+    }
+
+    /// The key check value of `uid`, computed once.
+    async fn check_value(&self, uid: &str) -> Result<Vec<u8>, BackendError> {
+        if let Some(kcv) = self.kcv.lock().unwrap_or_else(PoisonError::into_inner).get(uid) {
+            return Ok(kcv.clone());
+        }
+        let (ct, auth) = self.encrypt(uid, &[0u8; 16], &[0u8; IV_LEN], KCV_AAD).await?;
+        let kcv = [ct, auth].concat();
+        self.kcv
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(uid.to_string(), kcv.clone());
+        Ok(kcv)
+    }
+
+    async fn key_id_of(&self, uid: &str) -> Result<String, BackendError> {
+        let kcv = self.check_value(uid).await?;
+        let mut ctx = digest::Context::new(&digest::SHA256);
+        ctx.update(ID_DOMAIN);
+        ctx.update(&(uid.len() as u32).to_be_bytes());
+        ctx.update(uid.as_bytes());
+        ctx.update(&kcv);
+        Ok(format!("kmip:{}", hex::encode(&ctx.finish().as_ref()[..16])))
+    }
+}
+
+fn state_name(state: u32) -> &'static str {
+    STATE_NAMES.get(state as usize).copied().unwrap_or("unknown")
+}
+
+fn gcm_parameters() -> Item {
+    Item::structure(
+        tag::CRYPTOGRAPHIC_PARAMETERS,
+        vec![
+            // Block Cipher Mode GCM, Cryptographic Algorithm AES, a 16-byte tag.
+            Item::new(tag::BLOCK_CIPHER_MODE, Value::Enumeration(9)),
+            Item::new(tag::CRYPTOGRAPHIC_ALGORITHM, Value::Enumeration(3)),
+            Item::new(tag::TAG_LENGTH, Value::Integer(TAG_LEN as i32)),
+        ],
+    )
+}
+
+/// Clears byte and text values (a KEK, a password) before the request is dropped.
+fn wipe(item: Item) {
+    fn walk(item: &mut Item) {
+        match &mut item.value {
+            Value::Structure(items) => items.iter_mut().for_each(walk),
+            Value::Bytes(b) => zeroize::Zeroize::zeroize(b),
+            Value::Text(t) => zeroize::Zeroize::zeroize(t),
+            _ => {}
+        }
+    }
+    let mut item = item;
+    walk(&mut item);
+}
+
+async fn roundtrip(conn: &mut TlsStream<TcpStream>, request: &[u8]) -> Result<Item, String> {
+    conn.write_all(request).await.map_err(|e| format!("send: {e}"))?;
+    conn.flush().await.map_err(|e| format!("send: {e}"))?;
+    let mut header = [0u8; 8];
+    conn.read_exact(&mut header)
+        .await
+        .map_err(|e| format!("receive: {e}"))?;
+    let total = ttlv::message_len(&header)?;
+    let mut buf = vec![0u8; total];
+    buf[..8].copy_from_slice(&header);
+    conn.read_exact(&mut buf[8..])
+        .await
+        .map_err(|e| format!("receive: {e}"))?;
+    let message = Item::decode(&buf)?;
+    if message.tag != tag::RESPONSE_MESSAGE {
+        return Err(format!("unexpected KMIP message tag {:#x}", message.tag));
+    }
+    Ok(message)
+}
+
+#[async_trait]
+impl Backend for KmipBackend {
+    fn name(&self) -> &'static str {
+        "kmip"
+    }
+
+    async fn probe(&self) -> Result<String, BackendError> {
+        let uid = self.resolve_current().await?;
+        let (state, _) = self.state(&uid).await?;
+        if state != STATE_ACTIVE {
+            return Err(BackendError::new(
+                ErrorKind::KeyUnusable,
+                format!("kmip: current key {uid:?} is {}", state_name(state)),
+            ));
+        }
+        let key_id = self.key_id_of(&uid).await?;
+        self.known().insert(
+            key_id.clone(),
+            Known {
+                uid: uid.clone(),
+                unusable: None,
+            },
+        );
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some((key_id.clone(), uid));
+        // Older keys: resolved once, and refused once compromised or destroyed.
+        for old in &self.decrypt_only {
+            let checked = async {
+                let (state, _) = self.state(old).await?;
+                let id = self.key_id_of(old).await.ok();
+                Ok::<_, BackendError>((state, id))
+            }
+            .await;
+            match checked {
+                Ok((state, id)) => {
+                    let unusable = (state >= 4).then(|| format!("kmip: key {old:?} is {}", state_name(state)));
+                    let mut known = self.known();
+                    let ids: Vec<String> = match id {
+                        Some(id) => vec![id],
+                        None => known
+                            .iter()
+                            .filter(|(_, k)| &k.uid == old)
+                            .map(|(id, _)| id.clone())
+                            .collect(),
+                    };
+                    for id in ids {
+                        known.insert(
+                            id,
+                            Known {
+                                uid: old.clone(),
+                                unusable: unusable.clone(),
+                            },
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!(key = %old, error = %e, "kmip: could not check a decrypt-only key"),
+            }
+        }
+        Ok(key_id)
+    }
+
+    fn knows(&self, key_id: &str) -> bool {
+        self.known().contains_key(key_id)
+    }
+
+    fn refuses(&self, key_id: &str) -> Option<BackendError> {
+        let known = self.known();
+        let why = known.get(key_id)?.unusable.as_ref()?;
+        Some(BackendError::new(ErrorKind::KeyUnusable, why.clone()))
+    }
+
+    async fn wrap(&self, kek: &Kek) -> Result<Wrapped, BackendError> {
+        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let (key_id, uid) = match current {
+            Some(c) => c,
+            None => {
+                let key_id = self.probe().await?;
+                let uid = self.known().get(&key_id).map(|k| k.uid.clone()).unwrap_or_default();
+                (key_id, uid)
+            }
+        };
+        let mut iv = [0u8; IV_LEN];
+        self.rng
+            .fill(&mut iv)
+            .map_err(|_| BackendError::new(ErrorKind::Transient, "random number generator failed"))?;
+        let (ct, auth) = self.encrypt(&uid, kek.expose(), &iv, key_id.as_bytes()).await?;
+        if ct.len() != KEY_LEN {
+            return Err(BackendError::new(
+                ErrorKind::Transient,
+                "kmip Encrypt: ciphertext of the wrong length",
+            ));
+        }
+        let mut blob = Vec::with_capacity(1 + IV_LEN + TAG_LEN + KEY_LEN);
+        blob.push(BLOB_VERSION);
+        blob.extend_from_slice(&iv);
+        blob.extend_from_slice(&auth);
+        blob.extend_from_slice(&ct);
+        Ok(Wrapped { key_id, blob })
+    }
+
+    async fn unwrap(&self, key_id: &str, blob: &[u8]) -> Result<Kek, BackendError> {
+        let uid = self
+            .known()
+            .get(key_id)
+            .map(|k| k.uid.clone())
+            .ok_or_else(|| BackendError::new(ErrorKind::UnknownKey, "kmip: key_id names no known key"))?;
+        if blob.len() != 1 + IV_LEN + TAG_LEN + KEY_LEN || blob[0] != BLOB_VERSION {
+            return Err(BackendError::new(
+                ErrorKind::BadWrappedKey,
+                "kmip: wrapped KEK has the wrong shape",
+            ));
+        }
+        let (iv, rest) = blob[1..].split_at(IV_LEN);
+        let (auth, ct) = rest.split_at(TAG_LEN);
+        let payload = self
+            .operation(
+                op::DECRYPT,
+                vec![
+                    Item::new(tag::UNIQUE_IDENTIFIER, Value::Text(uid)),
+                    gcm_parameters(),
+                    Item::new(tag::DATA, Value::Bytes(ct.to_vec())),
+                    Item::new(tag::IV_COUNTER_NONCE, Value::Bytes(iv.to_vec())),
+                    Item::new(
+                        tag::AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA,
+                        Value::Bytes(key_id.as_bytes().to_vec()),
+                    ),
+                    Item::new(tag::AUTHENTICATED_ENCRYPTION_TAG, Value::Bytes(auth.to_vec())),
+                ],
+            )
+            .await?;
+        let plain = payload
+            .child(tag::DATA)
+            .and_then(Item::as_bytes)
+            .ok_or_else(|| BackendError::new(ErrorKind::Transient, "kmip Decrypt: answer without data"))?;
+        let kek = Kek::from_bytes(plain)
+            .ok_or_else(|| BackendError::new(ErrorKind::BadWrappedKey, "kmip: unwrapped KEK has the wrong length"));
+        wipe(payload);
+        kek
+    }
+
+    fn max_wrapped_len(&self) -> usize {
+        1 + IV_LEN + TAG_LEN + KEY_LEN
+    }
+}
