@@ -152,6 +152,8 @@ async fn a_new_local_root_key_becomes_current_without_a_restart() {
     let e = encrypt(&mut c, &rand_bytes(32)).await;
     assert_eq!(e.key_id, b);
     assert_eq!(decrypt(&mut c, &old).await.unwrap(), seed);
+    // Key a is still configured: its KEK stayed cached through both reloads, no unwrap.
+    assert_eq!(plugin.backend_calls("unwrap").await, 0);
     assert!(plugin.logs().contains("configuration reloaded"));
     load.finish().await;
 
