@@ -648,3 +648,26 @@ async fn a_flood_from_another_uid_never_displaces_our_connections() {
     );
     plugin.stop().await;
 }
+
+#[tokio::test]
+async fn a_healthy_plugin_is_quiet_at_info() {
+    let dir = Dir::new();
+    let config = dir.config(&dir.socket(), "root.key", &[], "[probe]\ninterval = \"100ms\"");
+    let plugin = Plugin::spawn_env(
+        &["serve", "--config", config.to_str().unwrap()],
+        &dir.socket(),
+        &[("RUST_LOG", "info")],
+    );
+    plugin.wait_ready().await;
+    // Fifteen probes later: nothing about them at info (they used to log two lines each).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let probes = plugin.metric("kms_plugin_backend_calls_total{op=\"probe\"").await;
+    assert!(probes >= 10.0, "{probes} probes");
+    let logs = plugin.logs();
+    assert!(
+        !logs.contains("op=\"probe\"") && !logs.contains("op=\"verify\""),
+        "{logs}"
+    );
+    assert!(logs.contains("serving KMS v2"), "{logs}");
+    plugin.stop().await;
+}
