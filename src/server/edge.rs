@@ -13,8 +13,8 @@
 //!   served, while a connection holding only stalled requests can be evicted);
 //! - turns tonic's `OutOfRange` for a request over the size limit into `ResourceExhausted`, the
 //!   code the gRPC spec gives a message over the receive limit;
-//! - counts and logs every call refused before it reached a handler (size, protobuf decoding,
-//!   unknown method), which the handlers cannot see.
+//! - counts every call refused before it reached a handler (size, protobuf decoding, unknown
+//!   method), which the handlers cannot see, and logs them at a bounded rate.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -52,6 +52,37 @@ pub struct EdgeLayer {
     max_request_bytes: usize,
     waiting_bodies: Arc<tokio::sync::Semaphore>,
     open_calls: Arc<tokio::sync::Semaphore>,
+    log_budget: Arc<LogBudget>,
+}
+
+/// At most [`LOG_LINES_PER_SECOND`] lines a second for refused calls, so a flood of bad
+/// requests cannot flood the log; every call is still counted in the metrics.
+pub const LOG_LINES_PER_SECOND: u64 = 20;
+
+#[derive(Default)]
+struct LogBudget {
+    /// (second since start, lines logged in it) packed as second << 16 | lines.
+    window: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+    started: std::sync::OnceLock<Instant>,
+}
+
+impl LogBudget {
+    /// Whether a line may be written now; if so, how many were suppressed before it.
+    fn take(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let second = self.started.get_or_init(Instant::now).elapsed().as_secs();
+        let window = self.window.load(Relaxed);
+        let (at, lines) = (window >> 16, window & 0xffff);
+        let next = if at == second { lines + 1 } else { 1 };
+        if next > LOG_LINES_PER_SECOND {
+            self.suppressed.fetch_add(1, Relaxed);
+            return None;
+        }
+        // A lost race only lets a line or two more through.
+        self.window.store((second << 16) | next, Relaxed);
+        Some(self.suppressed.swap(0, Relaxed))
+    }
 }
 
 impl EdgeLayer {
@@ -61,6 +92,7 @@ impl EdgeLayer {
             max_request_bytes,
             waiting_bodies: Arc::new(tokio::sync::Semaphore::new(MAX_WAITING_BODIES)),
             open_calls: Arc::new(tokio::sync::Semaphore::new(MAX_OPEN_CALLS)),
+            log_budget: Arc::new(LogBudget::default()),
         }
     }
 }
@@ -108,7 +140,14 @@ where
             let method = method_name(request.uri().path());
             let Ok(_open) = Arc::clone(&layer.open_calls).try_acquire_owned() else {
                 layer.counter.count(method, Code::ResourceExhausted);
-                warn!(method, max = MAX_OPEN_CALLS, "too many calls open; call refused");
+                if let Some(suppressed) = layer.log_budget.take() {
+                    warn!(
+                        method,
+                        max = MAX_OPEN_CALLS,
+                        suppressed,
+                        "too many calls open; call refused"
+                    );
+                }
                 return Ok(Status::resource_exhausted("too many calls open in the plugin; retry").into_http());
             };
             // Held until the response is ready; set when the request body is complete.
@@ -149,12 +188,15 @@ where
                     .chars()
                     .take(200)
                     .collect::<String>();
-                warn!(
-                    method,
-                    code = code_label(code),
-                    message,
-                    "request refused before reaching a handler"
-                );
+                if let Some(suppressed) = layer.log_budget.take() {
+                    warn!(
+                        method,
+                        code = code_label(code),
+                        message,
+                        suppressed,
+                        "request refused before reaching a handler"
+                    );
+                }
             }
             Ok(response)
         })
@@ -264,5 +306,27 @@ impl HttpBody for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_call_logs_are_rate_limited() {
+        let budget = LogBudget::default();
+        let allowed = (0..1000).filter(|_| budget.take().is_some()).count() as u64;
+        // All in one second (or at most straddling two).
+        assert!(
+            (LOG_LINES_PER_SECOND..=2 * LOG_LINES_PER_SECOND).contains(&allowed),
+            "{allowed}"
+        );
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(
+            budget.take(),
+            Some(1000 - allowed),
+            "the next line says how many were dropped"
+        );
     }
 }
