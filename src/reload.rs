@@ -144,8 +144,15 @@ impl Reloader {
     /// Builds and checks the new configuration, then puts it in force.
     async fn reload(&mut self) -> Result<String, String> {
         let new = Settings::load(Some(&self.path)).map_err(|e| e.to_string())?;
+        // What was loaded, taken now: a change while the backend is built is noticed next time.
+        let loaded = fingerprint(&self.path, &new);
         fixed_fields_unchanged(&self.settings, &new)?;
-        let backend = crate::build_backend(&new).await.map_err(|e| e.to_string())?;
+        let backend = tokio::time::timeout(crate::keys::BACKEND_CALL_TIMEOUT, crate::build_backend(&new))
+            .await
+            .map_err(|_| "building the backend timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        // Keys the running backend learned on its own (a moved alias or name) stay known.
+        backend.remember(self.keys.backend().remembered());
         // The new backend must work before anything depends on it.
         let timeout = crate::keys::BACKEND_CALL_TIMEOUT;
         let check = async {
@@ -183,7 +190,7 @@ impl Reloader {
         }));
         self.log.set(&new.log.level);
         self.settings = new;
-        self.fingerprint = fingerprint(&self.path, &self.settings);
+        self.fingerprint = loaded;
         Ok(format!(
             "current key_id_hash {key_id_hash}, {purged} cached KEKs of removed keys purged"
         ))

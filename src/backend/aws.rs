@@ -177,6 +177,16 @@ impl Backend for AwsBackend {
             .contains(key_id)
     }
 
+    fn remembered(&self) -> Vec<(String, String)> {
+        let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        known.iter().map(|arn| (arn.clone(), arn.clone())).collect()
+    }
+
+    fn remember(&self, keys: Vec<(String, String)>) {
+        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        known.extend(keys.into_iter().map(|(arn, _)| arn));
+    }
+
     async fn wrap(&self, kek: &Kek) -> Result<Wrapped, BackendError> {
         let current = self.current.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let arn = match current {

@@ -40,6 +40,14 @@ impl Backend for Delayed {
         self.inner.refuses(key_id)
     }
 
+    fn remembered(&self) -> Vec<(String, String)> {
+        self.inner.remembered()
+    }
+
+    fn remember(&self, keys: Vec<(String, String)>) {
+        self.inner.remember(keys)
+    }
+
     async fn wrap(&self, kek: &Kek) -> Result<Wrapped, BackendError> {
         tokio::time::sleep(self.latency).await;
         self.inner.wrap(kek).await

@@ -83,6 +83,15 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// Keys this instance learned at run time beyond its configuration (an alias or a name that
+    /// moved to a new key), as (key_id, locator) pairs, so a reloaded backend keeps them.
+    fn remembered(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    /// Takes over what [`Backend::remembered`] returned from the backend this one replaces.
+    fn remember(&self, _keys: Vec<(String, String)>) {}
+
     /// Longest wrapped KEK this backend produces; longer ones are refused before any call.
     fn max_wrapped_len(&self) -> usize {
         crate::contract::MAX_WRAPPED_KEK

@@ -394,11 +394,38 @@ impl Keys {
             return Ok(());
         }
         let kek = Kek::generate(&self.rng).map_err(|_| Error::Internal("random number generator failed"))?;
-        let backend = self.backend();
-        let wrapped = backend_call(&*backend, &self.metrics, "wrap", None, backend.wrap(&kek))
-            .await
-            .inspect_err(|e| self.note_backend_error(None, e))?;
+        let active = self.active();
+        let backend = &*active.backend;
+        let stale = || !Arc::ptr_eq(&active, &self.active.load());
+        let wrapped = match backend_call(backend, &self.metrics, "wrap", None, backend.wrap(&kek)).await {
+            Ok(w) => w,
+            // A backend a reload has since replaced says nothing about the one in force.
+            Err(e) if stale() => return Err(e.into()),
+            Err(e) => {
+                self.note_backend_error(None, &e);
+                return Err(e.into());
+            }
+        };
         check_wrapped(&wrapped)?;
+        // The KEK must come back before anything is sealed under it: a server that ignored
+        // the IV or the AAD, or answered for another key, would otherwise lose the data.
+        let back = backend_call(
+            backend,
+            &self.metrics,
+            "verify",
+            Some(&wrapped.key_id),
+            backend.unwrap(&wrapped.key_id, &wrapped.blob),
+        )
+        .await?;
+        if back.expose() != kek.expose() {
+            return Err(BackendError::new(ErrorKind::KeyUnusable, "a new KEK unwrapped to a different key").into());
+        }
+        if stale() {
+            return Err(Error::Backend(BackendError::new(
+                ErrorKind::Transient,
+                "configuration reloaded during the rotation",
+            )));
+        }
         self.install(kek, wrapped, reason);
         Ok(())
     }
@@ -463,9 +490,17 @@ impl Keys {
     pub async fn check_and_rotate(&self) -> Result<(), Error> {
         let active = self.active();
         let backend = &*active.backend;
-        let root = backend_call(backend, &self.metrics, "probe", None, backend.probe())
-            .await
-            .inspect_err(|e| self.note_backend_error(None, e))?;
+        // A pass that began before a reload must not judge the backend now in force.
+        let stale = || !Arc::ptr_eq(&active, &self.active.load());
+        let root = match backend_call(backend, &self.metrics, "probe", None, backend.probe()).await {
+            Ok(root) => root,
+            Err(e) => {
+                if !stale() {
+                    self.note_backend_error(None, &e);
+                }
+                return Err(e.into());
+            }
+        };
         // The probe also proves the current KEK still unwraps: that exercises the permission
         // Decrypt needs (a key can be described but no longer usable) and catches a root key
         // that changed under the same name.
@@ -496,9 +531,14 @@ impl Keys {
                     }
                     _ => e,
                 };
-                self.note_backend_error(None, &e);
+                if !stale() {
+                    self.note_backend_error(None, &e);
+                }
                 return Err(e.into());
             }
+        }
+        if stale() {
+            return Ok(());
         }
         self.note_backend_ok();
         let reason = match self.current() {

@@ -10,9 +10,10 @@
 //! at start and at every probe (the newest Active key carrying it), so re-pointing a name to a
 //! new key is a rotation the probe picks up with no restart; keys seen before stay usable for
 //! the process's life (list their Unique Identifiers in `decrypt_only_keys` across restarts).
-//! key_id = `kmip:` + 128 bits of a SHA-256 of the Unique Identifier and a key check value
-//! (Encrypt of a constant under a fixed IV): the same on every node that shares the server,
-//! new when the current key changes, and never the same for keys of two servers.
+//! key_id = `kmip:` + 128 bits of a SHA-256 of the Unique Identifier and the key's Initial Date
+//! (read with Get Attributes, which works in every state, so a Deactivated older key is still
+//! identified after a restart): the same on every node that shares the server, new when the
+//! current key changes, and different for keys of two servers that happen to share an id.
 //!
 //! The probe checks the current key's State: anything but Active (Deactivated, Compromised,
 //! Destroyed) is KeyUnusable and its cached KEKs are purged; a decrypt-only key that is
@@ -45,7 +46,6 @@ use crate::keys::{KEY_LEN, Kek};
 use ttlv::{Item, Value, tag};
 
 const ID_DOMAIN: &[u8] = b"kms-plugin/kmip-key-id/v1\0";
-const KCV_AAD: &[u8] = b"kms-plugin/kmip-key-check-value/v1";
 const BLOB_VERSION: u8 = 1;
 const IV_LEN: usize = 12;
 const TAG_LEN: usize = 16;
@@ -153,8 +153,6 @@ pub struct KmipBackend {
     timeout: Duration,
     /// key_id → key, for every key resolved so far.
     known: Mutex<HashMap<String, Known>>,
-    /// Unique Identifier → key check value, computed once per key.
-    kcv: Mutex<HashMap<String, Vec<u8>>>,
     current: Mutex<Option<(String, String)>>,
     rng: SystemRandom,
 }
@@ -210,7 +208,6 @@ impl KmipBackend {
             slots: Semaphore::new(s.pool_size.max(1)),
             timeout: s.call_timeout,
             known: Mutex::new(HashMap::new()),
-            kcv: Mutex::new(HashMap::new()),
             current: Mutex::new(None),
             rng: SystemRandom::new(),
         })
@@ -241,12 +238,13 @@ impl KmipBackend {
     /// One request/response on a pooled connection; a pooled connection the server has closed
     /// is replaced once.
     async fn exchange(&self, request: &[u8]) -> Result<Item, BackendError> {
-        let _slot = self
-            .slots
-            .acquire()
-            .await
-            .map_err(|_| BackendError::new(ErrorKind::Transient, "kmip pool closed"))?;
+        // The wait for a connection counts against the call's deadline too.
         let call = async {
+            let _slot = self
+                .slots
+                .acquire()
+                .await
+                .map_err(|_| BackendError::new(ErrorKind::Transient, "kmip pool closed"))?;
             let pooled = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
             let (mut conn, reused) = match pooled {
                 Some(c) => (c, true),
@@ -323,6 +321,16 @@ impl KmipBackend {
         let item = response
             .child(tag::BATCH_ITEM)
             .ok_or_else(|| BackendError::new(ErrorKind::Transient, "kmip: response without a batch item"))?;
+        // The answer must be to this request (a server out of step would otherwise hand one
+        // operation's result to another).
+        if let Some(answered) = item.child(tag::OPERATION).and_then(Item::as_enum)
+            && answered != operation
+        {
+            return Err(BackendError::new(
+                ErrorKind::Transient,
+                format!("kmip: asked for operation {operation:#04x}, answered {answered:#04x}"),
+            ));
+        }
         let status = item.child(tag::RESULT_STATUS).and_then(Item::as_enum);
         if status == Some(0) {
             return Ok(item
@@ -467,28 +475,14 @@ impl KmipBackend {
         }
     }
 
-    /// The key check value of `uid`, computed once.
-    async fn check_value(&self, uid: &str) -> Result<Vec<u8>, BackendError> {
-        if let Some(kcv) = self.kcv.lock().unwrap_or_else(PoisonError::into_inner).get(uid) {
-            return Ok(kcv.clone());
-        }
-        let (ct, auth) = self.encrypt(uid, &[0u8; 16], &[0u8; IV_LEN], KCV_AAD).await?;
-        let kcv = [ct, auth].concat();
-        self.kcv
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(uid.to_string(), kcv.clone());
-        Ok(kcv)
-    }
-
-    async fn key_id_of(&self, uid: &str) -> Result<String, BackendError> {
-        let kcv = self.check_value(uid).await?;
+    /// The key_id of the key `uid` created at `initial` (its Initial Date).
+    fn key_id_of(uid: &str, initial: i64) -> String {
         let mut ctx = digest::Context::new(&digest::SHA256);
         ctx.update(ID_DOMAIN);
         ctx.update(&(uid.len() as u32).to_be_bytes());
         ctx.update(uid.as_bytes());
-        ctx.update(&kcv);
-        Ok(format!("kmip:{}", hex::encode(&ctx.finish().as_ref()[..16])))
+        ctx.update(&initial.to_be_bytes());
+        format!("kmip:{}", hex::encode(&ctx.finish().as_ref()[..16]))
     }
 }
 
@@ -550,14 +544,14 @@ impl Backend for KmipBackend {
 
     async fn probe(&self) -> Result<String, BackendError> {
         let uid = self.resolve_current().await?;
-        let (state, _) = self.state(&uid).await?;
+        let (state, initial) = self.state(&uid).await?;
         if state != STATE_ACTIVE {
             return Err(BackendError::new(
                 ErrorKind::KeyUnusable,
                 format!("kmip: current key {uid:?} is {}", state_name(state)),
             ));
         }
-        let key_id = self.key_id_of(&uid).await?;
+        let key_id = Self::key_id_of(&uid, initial);
         self.known().insert(
             key_id.clone(),
             Known {
@@ -568,33 +562,16 @@ impl Backend for KmipBackend {
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some((key_id.clone(), uid));
         // Older keys: resolved once, and refused once compromised or destroyed.
         for old in &self.decrypt_only {
-            let checked = async {
-                let (state, _) = self.state(old).await?;
-                let id = self.key_id_of(old).await.ok();
-                Ok::<_, BackendError>((state, id))
-            }
-            .await;
-            match checked {
-                Ok((state, id)) => {
+            match self.state(old).await {
+                Ok((state, initial)) => {
                     let unusable = (state >= 4).then(|| format!("kmip: key {old:?} is {}", state_name(state)));
-                    let mut known = self.known();
-                    let ids: Vec<String> = match id {
-                        Some(id) => vec![id],
-                        None => known
-                            .iter()
-                            .filter(|(_, k)| &k.uid == old)
-                            .map(|(id, _)| id.clone())
-                            .collect(),
-                    };
-                    for id in ids {
-                        known.insert(
-                            id,
-                            Known {
-                                uid: old.clone(),
-                                unusable: unusable.clone(),
-                            },
-                        );
-                    }
+                    self.known().insert(
+                        Self::key_id_of(old, initial),
+                        Known {
+                            uid: old.clone(),
+                            unusable,
+                        },
+                    );
                 }
                 Err(e) => tracing::warn!(key = %old, error = %e, "kmip: could not check a decrypt-only key"),
             }
@@ -610,6 +587,17 @@ impl Backend for KmipBackend {
         let known = self.known();
         let why = known.get(key_id)?.unusable.as_ref()?;
         Some(BackendError::new(ErrorKind::KeyUnusable, why.clone()))
+    }
+
+    fn remembered(&self) -> Vec<(String, String)> {
+        self.known().iter().map(|(id, k)| (id.clone(), k.uid.clone())).collect()
+    }
+
+    fn remember(&self, keys: Vec<(String, String)>) {
+        let mut known = self.known();
+        for (key_id, uid) in keys {
+            known.entry(key_id).or_insert(Known { uid, unusable: None });
+        }
     }
 
     async fn wrap(&self, kek: &Kek) -> Result<Wrapped, BackendError> {

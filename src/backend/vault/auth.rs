@@ -172,6 +172,10 @@ pub struct Auth {
     state: Mutex<State>,
 }
 
+/// A 403 on a token younger than this is the policy's answer, not the token's: no new login
+/// (so a denied policy costs at most one login a minute, not a token pile-up in Vault).
+const REFRESH_ON_403_AFTER: Duration = Duration::from_secs(60);
+
 /// A token for one call; wiped when dropped.
 pub type TokenSecret = Zeroizing<String>;
 
@@ -224,15 +228,15 @@ impl Auth {
         Ok(state.token.as_ref().expect("set above").secret.clone())
     }
 
-    /// The server refused `used` (403). Unless it is brand new (then the refusal is the
-    /// policy's, and a new login would only be refused again), forget it so the next call logs
+    /// The server refused `used` (403). Unless it is younger than a minute (then the refusal
+    /// is the policy's, and a new login would only be refused again), forget it so the next call logs
     /// in again (or, with a token file, reads it again); true when it was forgotten.
     pub async fn refused(&self, used: &str) -> bool {
         let mut state = self.state.lock().await;
         let stale = state
             .token
             .as_ref()
-            .is_some_and(|t| t.secret.as_str() == used && t.obtained.elapsed() > Duration::from_secs(5));
+            .is_some_and(|t| t.secret.as_str() == used && t.obtained.elapsed() > REFRESH_ON_403_AFTER);
         if stale {
             state.token = None;
             state.token_file_stamp = None;
