@@ -166,8 +166,8 @@ impl Connections {
             match victim {
                 Some(victim) => {
                     table.conns.remove(&victim.id);
-                    victim.close();
                     self.count("evicted");
+                    victim.close();
                     debug!(
                         idle_ms = victim.idle_for().as_millis() as u64,
                         "connection table full; closed the idlest connection"
@@ -223,8 +223,9 @@ impl Connections {
                 } else {
                     continue;
                 };
-                conn.close();
+                // Counted first: the peer may look at the metrics as soon as it sees EOF.
                 self.count(reason);
+                conn.close();
                 debug!(reason, "connection closed");
             }
         }
