@@ -114,15 +114,18 @@ fn main() -> ExitCode {
             json,
         } => {
             // `--verify` requires `--config` and the other way round, so `config` says both.
-            let options = config.as_deref().map(|c| load(Some(c))).transpose().map(|verify| {
-                kms_plugin::inventory::Options {
-                    connection: kms_plugin::inventory::connection(&endpoints, cacert, cert, key),
-                    prefix,
-                    verify,
-                    require_retirable,
-                    json,
-                }
-            });
+            let options =
+                config
+                    .as_deref()
+                    .map(|c| load(Some(c)))
+                    .transpose()
+                    .map(|verify| kms_plugin::inventory::Options {
+                        connection: kms_plugin::inventory::connection(&endpoints, cacert, cert, key),
+                        prefix,
+                        verify,
+                        require_retirable,
+                        json,
+                    });
             return match options.and_then(|o| runtime(1).block_on(kms_plugin::inventory::run(o))) {
                 Ok(code) => ExitCode::from(code),
                 Err(msg) => {

@@ -44,6 +44,11 @@ fn read(path: &PathBuf, what: &str) -> Result<Vec<u8>, String> {
 
 /// Connects to the first endpoint that answers, in the order given.
 pub async fn connect(c: &Connection) -> Result<KvClient<Channel>, String> {
+    Ok(KvClient::new(channel(c).await?).max_decoding_message_size(MAX_REPLY))
+}
+
+/// A channel to the first endpoint that answers.
+pub async fn channel(c: &Connection) -> Result<Channel, String> {
     let tls = match (&c.cert, &c.key) {
         (Some(_), None) | (None, Some(_)) => return Err("--cert and --key go together".into()),
         _ => {
@@ -65,7 +70,9 @@ pub async fn connect(c: &Connection) -> Result<KvClient<Channel>, String> {
         };
         if url.starts_with("https://") {
             if c.cacert.is_none() {
-                return Err(format!("{url}: https needs --cacert (the CA that signed etcd's certificate)"));
+                return Err(format!(
+                    "{url}: https needs --cacert (the CA that signed etcd's certificate)"
+                ));
             }
             endpoint = endpoint
                 .tls_config(tls.clone())
@@ -74,7 +81,7 @@ pub async fn connect(c: &Connection) -> Result<KvClient<Channel>, String> {
             return Err(format!("--endpoints {url}: expected http:// or https://"));
         }
         match endpoint.connect().await {
-            Ok(channel) => return Ok(KvClient::new(channel).max_decoding_message_size(MAX_REPLY)),
+            Ok(channel) => return Ok(channel),
             Err(e) => errors.push(format!("{url}: {}", chain(&e))),
         }
     }

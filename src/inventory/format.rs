@@ -221,8 +221,14 @@ mod tests {
 
     #[test]
     fn resource_segment() {
-        assert_eq!(resource(b"/registry/", b"/registry/secrets/ns/a"), Some(&b"secrets"[..]));
-        assert_eq!(resource(b"/registry/", b"/registry/namespaces"), Some(&b"namespaces"[..]));
+        assert_eq!(
+            resource(b"/registry/", b"/registry/secrets/ns/a"),
+            Some(&b"secrets"[..])
+        );
+        assert_eq!(
+            resource(b"/registry/", b"/registry/namespaces"),
+            Some(&b"namespaces"[..])
+        );
         assert_eq!(resource(b"/registry/", b"/other/x"), None);
     }
 }

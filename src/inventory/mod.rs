@@ -65,9 +65,9 @@ impl Verifier {
         match self.keys.decrypt(&o.key_id, &kek, &o.encrypted_dek_source).await {
             // The seed is wiped as it drops here; only the outcome is kept.
             Ok(_seed) => Ok(Ok(())),
-            Err(e) if e.code() == tonic::Code::Unavailable || e.code() == tonic::Code::ResourceExhausted => {
-                Err(format!("--verify: the backend cannot answer now ({:?}); run again", e.code()))
-            }
+            Err(e) if e.code() == tonic::Code::Unavailable || e.code() == tonic::Code::ResourceExhausted => Err(
+                format!("--verify: the backend cannot answer now ({:?}); run again", e.code()),
+            ),
             Err(e) => Ok(Err(reason(&e))),
         }
     }
@@ -110,9 +110,8 @@ pub async fn run(options: Options) -> Result<u8, String> {
     while let Some(page) = pager.next_page().await? {
         for kv in page {
             let key = String::from_utf8_lossy(&kv.key);
-            let resource = format::resource(prefix, &kv.key).map_or_else(String::new, |r| {
-                String::from_utf8_lossy(r).into_owned()
-            });
+            let resource =
+                format::resource(prefix, &kv.key).map_or_else(String::new, |r| String::from_utf8_lossy(r).into_owned());
             let stored = format::parse(&kv.value);
             let opened = match (&stored, verifier.as_mut()) {
                 (Stored::KmsV2 { object, .. }, Some(v)) => Some(v.open(object).await?),
@@ -126,6 +125,7 @@ pub async fn run(options: Options) -> Result<u8, String> {
         }
     }
     report.revision = pager.revision();
+    report.seeds_opened = verifier.as_ref().map_or(0, |v| v.seen.len());
     report.finish(options.require_retirable.as_deref());
     if options.json {
         println!("{}", report.to_json());

@@ -92,6 +92,8 @@ pub struct Report {
     pub revision: i64,
     pub keys_scanned: u64,
     pub verified: bool,
+    /// Distinct (key_id, encryptedDEKSource, annotations) triples `--verify` opened.
+    pub seeds_opened: usize,
     pub resources: BTreeMap<String, Resource>,
     pub key_ids: BTreeMap<String, KeyId>,
     pub unknown: KeyList,
@@ -131,6 +133,7 @@ impl Report {
             revision: 0,
             keys_scanned: 0,
             verified,
+            seeds_opened: 0,
             resources: BTreeMap::new(),
             key_ids: BTreeMap::new(),
             unknown: KeyList::default(),
@@ -278,7 +281,12 @@ impl Report {
             let _ = writeln!(out, "\nkey_id {}", k.key_id);
             let _ = writeln!(out, "  hash          {}", k.key_id_hash);
             let providers: Vec<&str> = k.providers.iter().map(String::as_str).collect();
-            let _ = writeln!(out, "  objects       {} (providers: {})", k.objects, providers.join(", "));
+            let _ = writeln!(
+                out,
+                "  objects       {} (providers: {})",
+                k.objects,
+                providers.join(", ")
+            );
             let _ = writeln!(
                 out,
                 "  this plugin   {} objects, {} DEK sources, {} local KEKs",
@@ -286,7 +294,11 @@ impl Report {
             );
             if let Some(v) = &k.verify {
                 if v.do_not_open.count == 0 {
-                    let _ = writeln!(out, "  verify        all {} objects open with this configuration", v.open);
+                    let _ = writeln!(
+                        out,
+                        "  verify        all {} objects open with this configuration",
+                        v.open
+                    );
                 } else {
                     let reasons: Vec<String> = v.reasons.iter().map(|(r, n)| format!("{r}: {n}")).collect();
                     let _ = writeln!(
@@ -349,7 +361,10 @@ mod tests {
                 encrypted_data: vec![1],
                 key_id: key_id.into(),
                 encrypted_dek_source: vec![source; 61],
-                annotations: kek.map(|k| (KEK_ANNOTATION.to_string(), vec![k; 40])).into_iter().collect(),
+                annotations: kek
+                    .map(|k| (KEK_ANNOTATION.to_string(), vec![k; 40]))
+                    .into_iter()
+                    .collect(),
                 encrypted_dek_source_type: 1,
             },
         }
@@ -361,13 +376,31 @@ mod tests {
         r.add("secrets", "/registry/secrets/a/1", &obj("k1", 1, Some(1)), Some(Ok(())));
         r.add("secrets", "/registry/secrets/a/2", &obj("k1", 1, Some(1)), Some(Ok(())));
         r.add("secrets", "/registry/secrets/a/3", &obj("k1", 2, Some(2)), Some(Ok(())));
-        r.add("secrets", "/registry/secrets/a/4", &obj("k2", 3, None), Some(Err("NotFound".into())));
-        r.add("secrets", "/registry/secrets/a/5", &Stored::Other(OtherFormat::AesCbc), None);
-        r.add("widgets", "/registry/widgets/x", &Stored::Identity(Identity::Json), None);
+        r.add(
+            "secrets",
+            "/registry/secrets/a/4",
+            &obj("k2", 3, None),
+            Some(Err("NotFound".into())),
+        );
+        r.add(
+            "secrets",
+            "/registry/secrets/a/5",
+            &Stored::Other(OtherFormat::AesCbc),
+            None,
+        );
+        r.add(
+            "widgets",
+            "/registry/widgets/x",
+            &Stored::Identity(Identity::Json),
+            None,
+        );
         r.add("widgets", "/registry/widgets/y", &Stored::Unknown("x"), None);
         r.finish(Some(&KeyIdHash("k3").to_string()));
         let k1 = &r.key_ids["k1"];
-        assert_eq!((k1.objects, k1.dek_sources, k1.local_keks, k1.sealed_by_this_plugin), (3, 2, 2, 3));
+        assert_eq!(
+            (k1.objects, k1.dek_sources, k1.local_keks, k1.sealed_by_this_plugin),
+            (3, 2, 2, 3)
+        );
         assert_eq!(k1.verify.as_ref().unwrap().open, 3);
         let k2 = &r.key_ids["k2"];
         assert_eq!(k2.verify.as_ref().unwrap().do_not_open.keys, ["/registry/secrets/a/4"]);
