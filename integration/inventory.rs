@@ -147,7 +147,9 @@ async fn counts_verify_and_retirement_over_a_realistic_mix() {
     }
 
     // Without --verify.
-    let (code, doc) = json(&etcd, &[]);
+    // Pages of 3 keys: the scan crosses page boundaries (and one page holds `/other/`'s
+    // neighbour range end) and still counts every key once.
+    let (code, doc) = json(&etcd, &["--page-size", "3"]);
     assert_eq!(code, 0, "{doc}");
     assert_eq!(doc["keys_scanned"], 22);
     let secrets = &doc["resources"]["secrets"];
@@ -341,6 +343,7 @@ async fn inventory_bench() {
     let put_secs = started.elapsed().as_secs_f64();
     println!("inventory_bench: wrote {n} objects in {put_secs:.1} s");
     let config_arg = config.display().to_string();
+    let page = std::env::var("INVENTORY_BENCH_PAGE").unwrap_or_else(|_| kms_plugin::inventory::etcd::PAGE.to_string());
     for extra in [vec![], vec!["--verify", "--config", config_arg.as_str()]] {
         let started = std::time::Instant::now();
         let out = Command::new("/usr/bin/time")
@@ -353,6 +356,7 @@ async fn inventory_bench() {
                 "--endpoints",
                 &etcd.endpoint,
             ])
+            .args(["--page-size", &page])
             .args(&extra)
             .output()
             .unwrap();
@@ -366,7 +370,7 @@ async fn inventory_bench() {
             .find_map(|l| l.strip_prefix("maxrss_kib="))
             .unwrap_or("?");
         println!(
-            "inventory_bench: inventory {:?}: {n} objects in {secs:.2} s = {:.0} objects/s, peak RSS {rss} KiB",
+            "inventory_bench: inventory --page-size {page} {:?}: {n} objects in {secs:.2} s = {:.0} objects/s, peak RSS {rss} KiB",
             extra.first().unwrap_or(&"(no --verify)"),
             n as f64 / secs
         );

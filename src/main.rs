@@ -85,6 +85,9 @@ enum Command {
         /// One JSON document on stdout instead of the table.
         #[arg(long)]
         json: bool,
+        /// Keys per etcd Range call (memory is about this many values at a time).
+        #[arg(long, default_value_t = kms_plugin::inventory::etcd::PAGE, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        page_size: i64,
     },
 }
 
@@ -112,6 +115,7 @@ fn main() -> ExitCode {
             config,
             require_retirable,
             json,
+            page_size,
         } => {
             // `--verify` requires `--config` and the other way round, so `config` says both.
             let options =
@@ -125,6 +129,7 @@ fn main() -> ExitCode {
                         verify,
                         require_retirable,
                         json,
+                        page_size,
                     });
             return match options.and_then(|o| runtime(1).block_on(kms_plugin::inventory::run(o))) {
                 Ok(code) => ExitCode::from(code),

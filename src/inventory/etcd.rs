@@ -30,8 +30,10 @@ pub struct Connection {
     pub key: Option<PathBuf>,
 }
 
-/// KVs per page. Kubernetes objects are mostly a few KiB, so a page is a few MiB.
-pub const PAGE: i64 = 500;
+/// KVs per page by default. Kubernetes objects are mostly a few KiB, so a page is a few MiB.
+/// Larger pages matter: etcd 3.4 counts the rest of the range on every limited Range, so the
+/// scan costs O(keys² / page) in etcd (BENCHMARKS.md).
+pub const PAGE: i64 = 2000;
 /// The largest reply accepted: a page of large objects (etcd allows 1.5 MiB values) is split
 /// instead, by halving the page size when etcd's reply would be larger.
 const MAX_REPLY: usize = 32 << 20;
@@ -120,18 +122,22 @@ pub struct Pager {
     /// 0 until the first reply, then that reply's revision: every page sees the same snapshot.
     revision: i64,
     limit: i64,
+    page: i64,
     done: bool,
 }
 
 impl Pager {
-    pub fn new(client: KvClient<Channel>, prefix: &[u8]) -> Self {
+    /// Pages of at most `page` KVs (fewer while values are large).
+    pub fn new(client: KvClient<Channel>, prefix: &[u8], page: i64) -> Self {
+        let page = page.max(1);
         let next = if prefix.is_empty() { vec![0] } else { prefix.to_vec() };
         Self {
             client,
             next,
             end: prefix_end(prefix),
             revision: 0,
-            limit: PAGE,
+            limit: page,
+            page,
             done: false,
         }
     }
@@ -181,7 +187,7 @@ impl Pager {
             _ => self.done = true,
         }
         // Back to full pages once past the large objects.
-        self.limit = (self.limit * 2).min(PAGE);
+        self.limit = (self.limit * 2).min(self.page);
         Ok(Some(reply.kvs))
     }
 }

@@ -34,6 +34,8 @@ pub struct Options {
     pub verify: Option<Settings>,
     pub require_retirable: Option<String>,
     pub json: bool,
+    /// KVs per etcd Range.
+    pub page_size: i64,
 }
 
 /// Opens each distinct (key_id, encryptedDEKSource, annotations) once, in-process.
@@ -104,7 +106,7 @@ pub async fn run(options: Options) -> Result<u8, String> {
     let mut verifier = verifier;
     let client = etcd::connect(&options.connection).await?;
     let prefix = options.prefix.as_bytes();
-    let mut pager = etcd::Pager::new(client, prefix);
+    let mut pager = etcd::Pager::new(client, prefix, options.page_size);
     let mut report = Report::new(&options.prefix, verifier.is_some());
     let mut next_progress = PROGRESS_EVERY;
     while let Some(page) = pager.next_page().await? {
