@@ -335,6 +335,14 @@ impl Report {
                     "NOT retirable"
                 }
             );
+            if r.retirable && self.unknown.count > 0 {
+                // A corrupt value names no key_id; it is unreadable with or without the key.
+                let _ = writeln!(
+                    out,
+                    "  ({} unknown/corrupt values above name no key_id: unreadable either way)",
+                    self.unknown.count
+                );
+            }
         }
         out
     }
