@@ -376,3 +376,25 @@ async fn inventory_bench() {
         );
     }
 }
+
+#[tokio::test]
+async fn progress_goes_to_stderr_and_the_table_to_stdout() {
+    let dir = Dir::new();
+    let etcd = Etcd::start(&dir).await;
+    let values = (0..10_050).map(|i| {
+        (
+            format!("/registry/configmaps/ns/cm-{i:05}").into_bytes(),
+            b"k8s\0\n\x02".to_vec(),
+        )
+    });
+    etcd.put_many(values, 64).await;
+    let (code, out, err) = inventory(&etcd, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("10000 keys scanned"), "{err}");
+    assert!(!out.contains("keys scanned"));
+    assert!(
+        out.contains("10050 objects") && out.contains("not encrypted (protobuf): 10050"),
+        "{out}"
+    );
+    assert!(out.contains("no KMS v2 objects"), "{out}");
+}
