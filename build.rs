@@ -10,5 +10,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // A request that does not decode is InvalidArgument, not tonic's Internal.
         .codec_path("crate::service::codec::StrictCodec")
         .compile_fds(fds)?;
+    // `kms-plugin inventory`: a client for etcd's KV.Range only (proto/etcd says where the
+    // trimmed files come from), with tonic's ordinary codec: etcd's replies are not requests
+    // this plugin judges.
+    let etcd = protox::compile(["etcd/rpc.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(true)
+        .compile_fds(etcd)?;
     Ok(())
 }

@@ -9,6 +9,7 @@ mod cli;
 mod deploy;
 mod hardening;
 mod hierarchy;
+mod inventory;
 mod kmip;
 mod ops;
 mod pkcs11;

@@ -2,14 +2,17 @@
 # The project's one test command (README "Run the tests"; .ci/run calls it).
 # Installs what the tests need, idempotently, then runs every test: unit tests, and integration
 # tests that start the built binary and talk to it over its socket, against real SoftHSM2,
-# moto (AWS KMS compatible), OpenBao (Vault Transit) and PyKMIP (KMIP) servers. Nothing is skipped: a missing tool fails the test.
+# moto (AWS KMS compatible), OpenBao (Vault Transit), PyKMIP (KMIP) and etcd servers.
+# Nothing is skipped: a missing tool fails the test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages: SoftHSM2 (PKCS#11 token) and OpenSC's pkcs11-tool (creates AES keys on it).
+# Debian packages: SoftHSM2 (PKCS#11 token), OpenSC's pkcs11-tool (creates AES keys on it), and
+# etcd (a real etcd for `kms-plugin inventory`; the tests start their own, never the service).
 need_apt=()
 [ -e /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null || need_apt+=(softhsm2)
 command -v pkcs11-tool >/dev/null || need_apt+=(opensc)
+[ -x /usr/bin/etcd ] || need_apt+=(etcd-server)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq

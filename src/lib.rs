@@ -10,6 +10,7 @@ pub mod backend;
 pub mod client;
 pub mod contract;
 pub mod error;
+pub mod inventory;
 pub mod keys;
 pub mod logging;
 pub mod ops;

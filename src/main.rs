@@ -54,6 +54,41 @@ enum Command {
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Read etcd (read-only) and report what is stored under which keys, and whether a root
+    /// key may be retired. Exit 0 ok, 1 error, 2 --require-retirable key still has objects,
+    /// 3 --verify found objects that do not open.
+    Inventory {
+        /// etcd endpoints, comma-separated (the first that answers is used).
+        #[arg(long, default_value = "http://127.0.0.1:2379")]
+        endpoints: String,
+        /// CA certificate (PEM) that signed etcd's server certificate; needed for https.
+        #[arg(long, value_name = "FILE")]
+        cacert: Option<PathBuf>,
+        /// Client certificate (PEM) for etcd's client-cert-auth.
+        #[arg(long, value_name = "FILE", requires = "key")]
+        cert: Option<PathBuf>,
+        /// Client private key (PEM).
+        #[arg(long, value_name = "FILE", requires = "cert")]
+        key: Option<PathBuf>,
+        /// The apiserver's --etcd-prefix.
+        #[arg(long, default_value = "/registry/")]
+        prefix: String,
+        /// Open every distinct seed with the configured backend (needs --config).
+        #[arg(long, requires = "config")]
+        verify: bool,
+        /// The configuration `serve` uses (for --verify).
+        #[arg(long, value_name = "FILE", requires = "verify")]
+        config: Option<PathBuf>,
+        /// Exit 2 unless no object is stored under this key_id (plugin form or sha256:<hex>).
+        #[arg(long, value_name = "KEY_ID")]
+        require_retirable: Option<String>,
+        /// One JSON document on stdout instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Keys per etcd Range call (memory is about this many values at a time).
+        #[arg(long, default_value_t = kms_plugin::inventory::etcd::PAGE, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        page_size: i64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -70,6 +105,40 @@ fn main() -> ExitCode {
         Command::Serve { config, socket, dev } => serve(config, socket, dev),
         Command::Check { config } => runtime(1).block_on(check(config)),
         Command::Status { socket, timeout } => runtime(1).block_on(status(&socket, timeout)),
+        Command::Inventory {
+            endpoints,
+            cacert,
+            cert,
+            key,
+            prefix,
+            verify: _,
+            config,
+            require_retirable,
+            json,
+            page_size,
+        } => {
+            // `--verify` requires `--config` and the other way round, so `config` says both.
+            let options =
+                config
+                    .as_deref()
+                    .map(|c| load(Some(c)))
+                    .transpose()
+                    .map(|verify| kms_plugin::inventory::Options {
+                        connection: kms_plugin::inventory::connection(&endpoints, cacert, cert, key),
+                        prefix,
+                        verify,
+                        require_retirable,
+                        json,
+                        page_size,
+                    });
+            return match options.and_then(|o| runtime(1).block_on(kms_plugin::inventory::run(o))) {
+                Ok(code) => ExitCode::from(code),
+                Err(msg) => {
+                    eprintln!("kms-plugin inventory: {msg}");
+                    ExitCode::from(kms_plugin::inventory::EXIT_ERROR)
+                }
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,6 +13,7 @@ use kms_plugin::proto::v2::{DecryptRequest, EncryptRequest, EncryptResponse, Sta
 use kms_plugin::server::socket::SocketAddress;
 use ring::rand::{SecureRandom, SystemRandom};
 
+pub mod etcd;
 pub mod kmip;
 pub mod moto;
 pub mod openbao;

@@ -1,0 +1,400 @@
+//! `kms-plugin inventory` against a real etcd holding values in the apiserver's exact storage
+//! formats, with KMS v2 seeds sealed by the running plugin.
+
+use std::process::Command;
+
+use kms_plugin::inventory::format::EncryptedObject;
+use kms_plugin::logging::KeyIdHash;
+use kms_plugin::proto::v2::EncryptResponse;
+use prost::Message;
+use serde_json::Value;
+
+use crate::common::etcd::Etcd;
+use crate::common::{BIN, Dir, Plugin, encrypt, rand_bytes, status};
+
+/// The value the apiserver stores for an object sealed under `seed` (contract §7).
+fn kms_v2_value(provider: &str, seed: &EncryptResponse) -> Vec<u8> {
+    let object = EncryptedObject {
+        encrypted_data: rand_bytes(48),
+        key_id: seed.key_id.clone(),
+        encrypted_dek_source: seed.ciphertext.to_vec(),
+        annotations: seed.annotations.iter().map(|(k, v)| (k.clone(), v.to_vec())).collect(),
+        encrypted_dek_source_type: 1,
+    };
+    let mut v = format!("k8s:enc:kms:v2:{provider}:").into_bytes();
+    v.extend(object.encode_to_vec());
+    v
+}
+
+/// Runs the inventory: (exit code, stdout, stderr).
+fn inventory(etcd: &Etcd, extra: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .arg("inventory")
+        .args(etcd.args())
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(etcd: &Etcd, extra: &[&str]) -> (i32, Value) {
+    let mut args = vec!["--json"];
+    args.extend_from_slice(extra);
+    let (code, out, err) = inventory(etcd, &args);
+    let doc = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: exit {code}\n{out}\n{err}"));
+    (code, doc)
+}
+
+/// Seeds sealed by a freshly started plugin on `config` (one local KEK per start).
+async fn seeds(config: &std::path::Path, n: usize) -> (String, Vec<EncryptResponse>) {
+    let plugin = Plugin::start(config).await;
+    let mut c = plugin.client().await;
+    let key_id = status(&mut c).await.key_id;
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(encrypt(&mut c, &rand_bytes(32)).await);
+    }
+    plugin.stop().await;
+    (key_id, out)
+}
+
+#[tokio::test]
+async fn counts_verify_and_retirement_over_a_realistic_mix() {
+    let dir = Dir::new();
+    let etcd = Etcd::start(&dir).await;
+    let socket = dir.socket();
+    let old = dir.config(&socket, "root-1.key", &[], "");
+    let rotated = dir.config(&socket, "root-2.key", &["root-1.key"], "");
+    let new_only = dir.config(&socket, "root-2.key", &[], "");
+
+    // Root key 1: two plugin starts, so two local KEKs; three seeds.
+    let (k1, a) = seeds(&old, 2).await;
+    let (k1_again, b) = seeds(&old, 1).await;
+    assert_eq!(k1, k1_again);
+    // Root key 2 after rotation: one KEK, two seeds.
+    let (k2, c) = seeds(&rotated, 2).await;
+    assert_ne!(k1, k2);
+
+    let p = "kms-plugin";
+    let mut puts: Vec<(String, Vec<u8>)> = Vec::new();
+    // 9 objects under k1 (seeds a0 ×4, a1 ×3, b0 ×2).
+    for (i, seed) in [
+        (0, &a[0]),
+        (1, &a[0]),
+        (2, &a[0]),
+        (3, &a[0]),
+        (4, &a[1]),
+        (5, &a[1]),
+        (6, &a[1]),
+    ] {
+        puts.push((format!("/registry/secrets/default/old-{i}"), kms_v2_value(p, seed)));
+    }
+    puts.push(("/registry/secrets/kube-system/old-7".into(), kms_v2_value(p, &b[0])));
+    puts.push(("/registry/secrets/kube-system/old-8".into(), kms_v2_value(p, &b[0])));
+    // 4 under k2: c0 ×2, c1 ×1 (a configmap), and one whose sealed seed was tampered with.
+    puts.push(("/registry/secrets/default/new-0".into(), kms_v2_value(p, &c[0])));
+    puts.push(("/registry/secrets/default/new-1".into(), kms_v2_value(p, &c[0])));
+    puts.push(("/registry/configmaps/default/new-2".into(), kms_v2_value(p, &c[1])));
+    let mut tampered = c[0].clone();
+    let mut ct = tampered.ciphertext.to_vec();
+    ct[20] ^= 1;
+    tampered.ciphertext = ct.into();
+    puts.push(("/registry/secrets/default/tampered".into(), kms_v2_value(p, &tampered)));
+    // A KMS v2 object of another plugin (foreign key_id, no KEK annotation).
+    let foreign = EncryptResponse {
+        ciphertext: rand_bytes(40).into(),
+        key_id: "arn:aws:kms:eu-west-1:111122223333:key/other".into(),
+        annotations: Default::default(),
+    };
+    puts.push((
+        "/registry/secrets/default/foreign".into(),
+        kms_v2_value("other-kms", &foreign),
+    ));
+    // Other formats and identity.
+    puts.push((
+        "/registry/secrets/default/cbc".into(),
+        b"k8s:enc:aescbc:v1:key1:\x01\x02".to_vec(),
+    ));
+    puts.push((
+        "/registry/configmaps/default/sb".into(),
+        b"k8s:enc:secretbox:v1:k:\x01".to_vec(),
+    ));
+    puts.push((
+        "/registry/secrets/default/plain".into(),
+        b"k8s\0\n\x0c\n\x02v1\x12\x06Secret".to_vec(),
+    ));
+    puts.push(("/registry/secrets/default/plain-2".into(), b"k8s\0\n\x02".to_vec()));
+    for i in 0..2 {
+        puts.push((
+            format!("/registry/widgets.example.com/default/w{i}"),
+            br#"{"apiVersion":"example.com/v1","kind":"Widget"}"#.to_vec(),
+        ));
+    }
+    // Corrupt: a KMS v2 prefix over garbage, and bytes in no format at all.
+    puts.push((
+        "/registry/secrets/default/corrupt".into(),
+        b"k8s:enc:kms:v2:kms-plugin:\xff\xff\xff\x01".to_vec(),
+    ));
+    puts.push(("/registry/events/default/junk".into(), vec![0x00, 0x9f, 0x42]));
+    // Outside the prefix: never counted.
+    puts.push(("/other/secrets/x".into(), kms_v2_value(p, &a[0])));
+    for (k, v) in &puts {
+        etcd.put(k.as_bytes(), v).await;
+    }
+
+    // Without --verify.
+    // Pages of 3 keys: the scan crosses page boundaries (and one page holds `/other/`'s
+    // neighbour range end) and still counts every key once.
+    let (code, doc) = json(&etcd, &["--page-size", "3"]);
+    assert_eq!(code, 0, "{doc}");
+    assert_eq!(doc["keys_scanned"], 22);
+    let secrets = &doc["resources"]["secrets"];
+    assert_eq!(secrets["objects"], 17);
+    assert_eq!(secrets["kms_v2"][p][&k1], 9);
+    assert_eq!(secrets["kms_v2"][p][&k2], 3);
+    assert_eq!(secrets["kms_v2"]["other-kms"][&foreign.key_id], 1);
+    assert_eq!(secrets["other_encryption"]["aescbc"], 1);
+    assert_eq!(secrets["not_encrypted"]["protobuf"], 2);
+    assert_eq!(secrets["unknown"], 1);
+    assert_eq!(doc["resources"]["configmaps"]["other_encryption"]["secretbox"], 1);
+    assert_eq!(doc["resources"]["configmaps"]["kms_v2"][p][&k2], 1);
+    assert_eq!(doc["resources"]["widgets.example.com"]["not_encrypted"]["json"], 2);
+    assert_eq!(doc["resources"]["events"]["unknown"], 1);
+    assert_eq!(doc["unknown"]["count"], 2);
+    let k1_doc = &doc["key_ids"][&k1];
+    assert_eq!(k1_doc["key_id_hash"], KeyIdHash(&k1).to_string());
+    assert_eq!(
+        (
+            &k1_doc["objects"],
+            &k1_doc["sealed_by_this_plugin"],
+            &k1_doc["dek_sources"],
+            &k1_doc["local_keks"]
+        ),
+        (&9.into(), &9.into(), &3.into(), &2.into())
+    );
+    assert_eq!(k1_doc["retirable"], false);
+    let k2_doc = &doc["key_ids"][&k2];
+    assert_eq!(
+        (&k2_doc["objects"], &k2_doc["dek_sources"], &k2_doc["local_keks"]),
+        (&4.into(), &3.into(), &1.into())
+    );
+    assert_eq!(doc["key_ids"][&foreign.key_id]["sealed_by_this_plugin"], 0);
+    assert!(doc["key_ids"][&k1].get("verify").is_none());
+
+    // --verify with the rotated configuration: every distinct seed opened exactly once.
+    let (code, doc) = json(&etcd, &["--verify", "--config", rotated.to_str().unwrap()]);
+    assert_eq!(code, 3, "objects that do not open: exit 3; {doc}");
+    assert_eq!(doc["seeds_opened"], 7, "a0 a1 b0 c0 c1 tampered foreign");
+    assert_eq!(doc["key_ids"][&k1]["verify"]["open"], 9);
+    assert_eq!(doc["key_ids"][&k1]["verify"]["do_not_open"]["count"], 0);
+    let v2 = &doc["key_ids"][&k2]["verify"];
+    assert_eq!(v2["open"], 3);
+    assert_eq!(
+        v2["do_not_open"]["keys"],
+        serde_json::json!(["/registry/secrets/default/tampered"])
+    );
+    assert_eq!(v2["reasons"]["ciphertext failed authentication"], 1);
+    assert_eq!(
+        doc["key_ids"][&foreign.key_id]["verify"]["reasons"]["not sealed by this plugin"],
+        1
+    );
+
+    // The table says it in words, and prints no value bytes.
+    let (code, table, _) = inventory(&etcd, &["--verify", "--config", rotated.to_str().unwrap()]);
+    assert_eq!(code, 3);
+    assert!(table.contains("all 9 objects open with this configuration"), "{table}");
+    assert!(table.contains("1 of 4 objects do NOT open"), "{table}");
+    assert!(table.contains(&KeyIdHash(&k2).to_string()), "{table}");
+    let wrapped = &a[0].annotations[kms_plugin::contract::KEK_ANNOTATION];
+    assert!(!table.contains(&hex::encode(wrapped)) && !table.contains(&hex::encode(&a[0].ciphertext)));
+
+    // What retiring root-1 would do: with it removed, its 9 objects no longer open.
+    let (code, doc) = json(&etcd, &["--verify", "--config", new_only.to_str().unwrap()]);
+    assert_eq!(code, 3);
+    assert_eq!(doc["key_ids"][&k1]["verify"]["do_not_open"]["count"], 9);
+    assert_eq!(
+        doc["key_ids"][&k1]["verify"]["reasons"]["key_id not in this configuration"],
+        9
+    );
+
+    // --require-retirable, in both forms: objects remain under k1.
+    let hash1 = KeyIdHash(&k1).to_string();
+    for form in [&k1, &hash1] {
+        let (code, doc) = json(&etcd, &["--require-retirable", form]);
+        assert_eq!(code, 2, "{doc}");
+        let r = &doc["require_retirable"];
+        assert_eq!(
+            (&r["key_id"], &r["key_id_hash"], &r["objects"]),
+            (&k1.as_str().into(), &hash1.as_str().into(), &9.into())
+        );
+        assert_eq!(r["retirable"], false);
+    }
+
+    // Storage migration: every k1 object rewritten under k2. Now k1 may go.
+    for (k, _) in puts.iter().filter(|(k, _)| k.contains("/old-")) {
+        etcd.put(k.as_bytes(), &kms_v2_value(p, &c[1])).await;
+    }
+    let (code, table, _) = inventory(&etcd, &["--require-retirable", &hash1]);
+    assert_eq!(code, 0, "{table}");
+    assert!(
+        table.contains(&format!("--require-retirable {hash1}")) && table.contains("retirable, no object"),
+        "{table}"
+    );
+    let (code, doc) = json(&etcd, &["--require-retirable", &k1]);
+    assert_eq!(code, 0);
+    assert!(doc["key_ids"].get(&k1).is_none());
+    assert_eq!(doc["require_retirable"]["key_id_hash"], hash1.as_str());
+    // k2 still holds objects.
+    let (code, _, _) = inventory(&etcd, &["--require-retirable", &k2]);
+    assert_eq!(code, 2);
+}
+
+#[tokio::test]
+async fn tls_with_client_certificates() {
+    let dir = Dir::new();
+    let etcd = Etcd::start_tls(&dir).await;
+    etcd.put(b"/registry/secrets/default/a", b"k8s\0\n\x02").await;
+    etcd.put(b"/registry/secrets/default/b", b"k8s:enc:aesgcm:v1:k:\x01")
+        .await;
+    let (code, doc) = json(&etcd, &[]);
+    assert_eq!(code, 0, "{doc}");
+    assert_eq!(doc["resources"]["secrets"]["objects"], 2);
+    assert_eq!(doc["resources"]["secrets"]["other_encryption"]["aesgcm"], 1);
+
+    // Without the client certificate etcd refuses: exit 1 with the reason, no report.
+    let pki = etcd.pki.as_ref().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "inventory",
+            "--endpoints",
+            &etcd.endpoint,
+            "--cacert",
+            pki.ca.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stdout.is_empty());
+}
+
+#[tokio::test]
+async fn unreachable_etcd_and_bad_flags_are_errors() {
+    let dir = Dir::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(BIN)
+        .args(["inventory", "--endpoints", &format!("http://127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no etcd endpoint answered"),
+        "{out:?}"
+    );
+    // --verify without --config is refused by the CLI.
+    let out = Command::new(BIN).args(["inventory", "--verify"]).output().unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    drop(dir);
+}
+
+/// `scripts/inventory-bench.sh`: INVENTORY_BENCH_OBJECTS (default 200,000) objects, 90% KMS
+/// v2 Secrets of ~1 KiB over 4 seeds, the rest identity; reports objects/s and peak RSS of
+/// `kms-plugin inventory`, without and with --verify.
+#[tokio::test]
+#[ignore = "benchmark: run by scripts/inventory-bench.sh"]
+async fn inventory_bench() {
+    let n: usize = std::env::var("INVENTORY_BENCH_OBJECTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let dir = Dir::new();
+    let etcd = Etcd::start(&dir).await;
+    let config = dir.config(&dir.socket(), "root-1.key", &[], "");
+    let (_, sealed) = seeds(&config, 4).await;
+    let started = std::time::Instant::now();
+    let values = (0..n).map(|i| match i % 20 {
+        0 => (
+            format!("/registry/configmaps/ns-{}/cm-{i}", i % 100),
+            b"k8s\0\n\x02".repeat(200),
+        ),
+        1 => (
+            format!("/registry/widgets.example.com/ns/w-{i}"),
+            br#"{"kind":"Widget"}"#.repeat(50),
+        ),
+        _ => {
+            // A ~1 KiB Secret: the sealed object is the bulk of the value.
+            let v = kms_v2_value("kms-plugin", &sealed[i % sealed.len()]);
+            let prefix = b"k8s:enc:kms:v2:kms-plugin:".len();
+            let mut object = EncryptedObject::decode(&v[prefix..]).unwrap();
+            object.encrypted_data = vec![0x5a; 1024];
+            let mut value = v[..prefix].to_vec();
+            value.extend(object.encode_to_vec());
+            (format!("/registry/secrets/ns-{}/s-{i}", i % 100), value)
+        }
+    });
+    etcd.put_many(values.map(|(k, v)| (k.into_bytes(), v)), 128).await;
+    let put_secs = started.elapsed().as_secs_f64();
+    println!("inventory_bench: wrote {n} objects in {put_secs:.1} s");
+    let config_arg = config.display().to_string();
+    let page = std::env::var("INVENTORY_BENCH_PAGE").unwrap_or_else(|_| kms_plugin::inventory::etcd::PAGE.to_string());
+    for extra in [vec![], vec!["--verify", "--config", config_arg.as_str()]] {
+        let started = std::time::Instant::now();
+        let out = Command::new("/usr/bin/time")
+            .args([
+                "-f",
+                "maxrss_kib=%M",
+                BIN,
+                "inventory",
+                "--json",
+                "--endpoints",
+                &etcd.endpoint,
+            ])
+            .args(["--page-size", &page])
+            .args(&extra)
+            .output()
+            .unwrap();
+        let secs = started.elapsed().as_secs_f64();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(doc["keys_scanned"], n as u64);
+        let rss = stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("maxrss_kib="))
+            .unwrap_or("?");
+        println!(
+            "inventory_bench: inventory --page-size {page} {:?}: {n} objects in {secs:.2} s = {:.0} objects/s, peak RSS {rss} KiB",
+            extra.first().unwrap_or(&"(no --verify)"),
+            n as f64 / secs
+        );
+    }
+}
+
+#[tokio::test]
+async fn progress_goes_to_stderr_and_the_table_to_stdout() {
+    let dir = Dir::new();
+    let etcd = Etcd::start(&dir).await;
+    let values = (0..10_050).map(|i| {
+        (
+            format!("/registry/configmaps/ns/cm-{i:05}").into_bytes(),
+            b"k8s\0\n\x02".to_vec(),
+        )
+    });
+    etcd.put_many(values, 64).await;
+    let (code, out, err) = inventory(&etcd, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("10000 keys scanned"), "{err}");
+    assert!(!out.contains("keys scanned"));
+    assert!(
+        out.contains("10050 objects") && out.contains("not encrypted (protobuf): 10050"),
+        "{out}"
+    );
+    assert!(out.contains("no KMS v2 objects"), "{out}");
+}

@@ -1,0 +1,437 @@
+//! Aggregation of what the scan saw, the retirement verdicts, and the two renderings (a table
+//! for people, one JSON document for scripts). Holds counts, hashes and etcd keys, never values.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt::Write as _;
+
+use ring::digest;
+use serde::Serialize;
+
+use super::format::{EncryptedObject, Stored};
+use crate::contract::KEK_ANNOTATION;
+use crate::logging::KeyIdHash;
+
+/// Object keys listed at most per list (with the full count beside them).
+pub const LISTED: usize = 20;
+
+/// A count and the first [`LISTED`] etcd keys it counts.
+#[derive(Default, Serialize)]
+pub struct KeyList {
+    pub count: u64,
+    pub keys: Vec<String>,
+}
+
+impl KeyList {
+    fn add(&mut self, key: &str) {
+        self.count += 1;
+        if self.keys.len() < LISTED {
+            self.keys.push(key.to_string());
+        }
+    }
+}
+
+/// One resource (the path segment after the prefix).
+#[derive(Default, Serialize)]
+pub struct Resource {
+    pub objects: u64,
+    /// provider name → key_id → objects.
+    pub kms_v2: BTreeMap<String, BTreeMap<String, u64>>,
+    /// `aescbc`, `aesgcm`, `secretbox`, `kms:v1` → objects.
+    pub other_encryption: BTreeMap<&'static str, u64>,
+    /// `protobuf`, `json` → objects.
+    pub not_encrypted: BTreeMap<&'static str, u64>,
+    pub unknown: u64,
+}
+
+/// What `--verify` found for one key_id.
+#[derive(Default, Serialize)]
+pub struct Verify {
+    pub open: u64,
+    /// Objects that do not open, with why (a gRPC code name or a short phrase) → count.
+    pub do_not_open: KeyList,
+    pub reasons: BTreeMap<String, u64>,
+}
+
+/// One root key_id as KMS v2 envelopes name it.
+#[derive(Serialize)]
+pub struct KeyId {
+    pub key_id: String,
+    pub key_id_hash: String,
+    pub objects: u64,
+    pub providers: BTreeSet<String>,
+    /// Objects whose seed this plugin sealed (they carry its KEK annotation).
+    pub sealed_by_this_plugin: u64,
+    pub dek_sources: usize,
+    pub local_keks: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<Verify>,
+    /// Safe to remove from the configuration: no object is stored under it.
+    pub retirable: bool,
+    #[serde(skip)]
+    sources: HashSet<[u8; 32]>,
+    #[serde(skip)]
+    keks: HashSet<[u8; 32]>,
+}
+
+/// The verdict `--require-retirable` asked for.
+#[derive(Serialize)]
+pub struct Required {
+    /// As given on the command line.
+    pub requested: String,
+    /// The plugin's form, when an object (or the argument itself) names it.
+    pub key_id: Option<String>,
+    pub key_id_hash: String,
+    pub objects: u64,
+    pub retirable: bool,
+}
+
+/// The whole report.
+#[derive(Serialize)]
+pub struct Report {
+    pub prefix: String,
+    pub revision: i64,
+    pub keys_scanned: u64,
+    pub verified: bool,
+    /// Distinct (key_id, encryptedDEKSource, annotations) triples `--verify` opened.
+    pub seeds_opened: usize,
+    pub resources: BTreeMap<String, Resource>,
+    pub key_ids: BTreeMap<String, KeyId>,
+    pub unknown: KeyList,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub require_retirable: Option<Required>,
+}
+
+fn sha256(parts: &[&[u8]]) -> [u8; 32] {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    for p in parts {
+        // Length-prefixed, so ("ab","c") and ("a","bc") differ.
+        ctx.update(&(p.len() as u64).to_be_bytes());
+        ctx.update(p);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// The identity of a (key_id, encryptedDEKSource, annotations) triple: what `--verify`
+/// opens once.
+pub fn triple_hash(o: &EncryptedObject) -> [u8; 32] {
+    let mut annotations: Vec<_> = o.annotations.iter().collect();
+    annotations.sort();
+    let mut parts: Vec<&[u8]> = vec![o.key_id.as_bytes(), &o.encrypted_dek_source];
+    for (k, v) in annotations {
+        parts.push(k.as_bytes());
+        parts.push(v);
+    }
+    sha256(&parts)
+}
+
+impl Report {
+    pub fn new(prefix: &str, verified: bool) -> Self {
+        Report {
+            prefix: prefix.to_string(),
+            revision: 0,
+            keys_scanned: 0,
+            verified,
+            seeds_opened: 0,
+            resources: BTreeMap::new(),
+            key_ids: BTreeMap::new(),
+            unknown: KeyList::default(),
+            require_retirable: None,
+        }
+    }
+
+    /// Counts one object. `opened` is `--verify`'s outcome for it (`None` without `--verify`).
+    pub fn add(&mut self, resource: &str, key: &str, stored: &Stored, opened: Option<Result<(), String>>) {
+        self.keys_scanned += 1;
+        let r = self.resources.entry(resource.to_string()).or_default();
+        r.objects += 1;
+        match stored {
+            Stored::KmsV2 { provider, object } => {
+                *r.kms_v2
+                    .entry(provider.clone())
+                    .or_default()
+                    .entry(object.key_id.clone())
+                    .or_default() += 1;
+                let k = self.key_ids.entry(object.key_id.clone()).or_insert_with(|| KeyId {
+                    key_id: object.key_id.clone(),
+                    key_id_hash: KeyIdHash(&object.key_id).to_string(),
+                    objects: 0,
+                    providers: BTreeSet::new(),
+                    sealed_by_this_plugin: 0,
+                    dek_sources: 0,
+                    local_keks: 0,
+                    verify: None,
+                    retirable: false,
+                    sources: HashSet::new(),
+                    keks: HashSet::new(),
+                });
+                k.objects += 1;
+                if !k.providers.contains(provider) {
+                    k.providers.insert(provider.clone());
+                }
+                if let Some(kek) = object.annotations.get(KEK_ANNOTATION) {
+                    k.sealed_by_this_plugin += 1;
+                    k.sources.insert(sha256(&[&object.encrypted_dek_source]));
+                    k.keks.insert(sha256(&[kek]));
+                }
+                if let Some(outcome) = opened {
+                    let v = k.verify.get_or_insert_with(Verify::default);
+                    match outcome {
+                        Ok(()) => v.open += 1,
+                        Err(reason) => {
+                            v.do_not_open.add(key);
+                            *v.reasons.entry(reason).or_default() += 1;
+                        }
+                    }
+                }
+            }
+            Stored::Other(f) => *r.other_encryption.entry(f.name()).or_default() += 1,
+            Stored::Identity(i) => *r.not_encrypted.entry(i.name()).or_default() += 1,
+            Stored::Unknown(_) => {
+                r.unknown += 1;
+                self.unknown.add(key);
+            }
+        }
+    }
+
+    /// Fills in the derived fields; `require` is `--require-retirable`'s argument.
+    pub fn finish(&mut self, require: Option<&str>) {
+        for k in self.key_ids.values_mut() {
+            k.dek_sources = k.sources.len();
+            k.local_keks = k.keks.len();
+            k.retirable = k.objects == 0;
+            if self.verified && k.verify.is_none() {
+                k.verify = Some(Verify::default());
+            }
+        }
+        self.require_retirable = require.map(|requested| {
+            let found = self
+                .key_ids
+                .values()
+                .find(|k| k.key_id == requested || k.key_id_hash == requested);
+            let is_hash = requested.starts_with("sha256:") && requested.len() == 7 + 64;
+            Required {
+                requested: requested.to_string(),
+                key_id: found
+                    .map(|k| k.key_id.clone())
+                    .or_else(|| (!is_hash).then(|| requested.to_string())),
+                key_id_hash: match found {
+                    Some(k) => k.key_id_hash.clone(),
+                    None if is_hash => requested.to_string(),
+                    None => KeyIdHash(requested).to_string(),
+                },
+                objects: found.map_or(0, |k| k.objects),
+                retirable: found.is_none_or(|k| k.objects == 0),
+            }
+        });
+    }
+
+    /// Whether `--verify` found objects that do not open.
+    pub fn verify_failures(&self) -> u64 {
+        self.key_ids
+            .values()
+            .filter_map(|k| k.verify.as_ref())
+            .map(|v| v.do_not_open.count)
+            .sum()
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    /// The human table.
+    pub fn to_table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "etcd prefix {}  revision {}  {} objects\n",
+            self.prefix, self.revision, self.keys_scanned
+        );
+        let _ = writeln!(
+            out,
+            "{:<32} {:>9} {:>9} {:>11} {:>13} {:>9}",
+            "RESOURCE", "OBJECTS", "KMS-V2", "OTHER-ENC", "NOT-ENCRYPTED", "UNKNOWN"
+        );
+        for (name, r) in &self.resources {
+            let kms: u64 = r.kms_v2.values().flat_map(|m| m.values()).sum();
+            let other: u64 = r.other_encryption.values().sum();
+            let plain: u64 = r.not_encrypted.values().sum();
+            let _ = writeln!(
+                out,
+                "{:<32} {:>9} {:>9} {:>11} {:>13} {:>9}",
+                name, r.objects, kms, other, plain, r.unknown
+            );
+            for (provider, ids) in &r.kms_v2 {
+                for (id, n) in ids {
+                    let _ = writeln!(out, "    kms v2 {provider} {id}: {n}");
+                }
+            }
+            for (f, n) in &r.other_encryption {
+                let _ = writeln!(out, "    {f}: {n}");
+            }
+            for (f, n) in &r.not_encrypted {
+                let _ = writeln!(out, "    not encrypted ({f}): {n}");
+            }
+        }
+        if self.key_ids.is_empty() {
+            let _ = writeln!(out, "\nno KMS v2 objects");
+        }
+        for k in self.key_ids.values() {
+            let _ = writeln!(out, "\nkey_id {}", k.key_id);
+            let _ = writeln!(out, "  hash          {}", k.key_id_hash);
+            let providers: Vec<&str> = k.providers.iter().map(String::as_str).collect();
+            let _ = writeln!(
+                out,
+                "  objects       {} (providers: {})",
+                k.objects,
+                providers.join(", ")
+            );
+            let _ = writeln!(
+                out,
+                "  this plugin   {} objects, {} DEK sources, {} local KEKs",
+                k.sealed_by_this_plugin, k.dek_sources, k.local_keks
+            );
+            if let Some(v) = &k.verify {
+                if v.do_not_open.count == 0 {
+                    let _ = writeln!(
+                        out,
+                        "  verify        all {} objects open with this configuration",
+                        v.open
+                    );
+                } else {
+                    let reasons: Vec<String> = v.reasons.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+                    let _ = writeln!(
+                        out,
+                        "  verify        {} of {} objects do NOT open with this configuration ({})",
+                        v.do_not_open.count,
+                        v.open + v.do_not_open.count,
+                        reasons.join(", ")
+                    );
+                    write_keys(&mut out, &v.do_not_open);
+                }
+            }
+            let _ = writeln!(
+                out,
+                "  verdict       NOT retirable: {} objects would become unreadable if this key were removed",
+                k.objects
+            );
+        }
+        if self.unknown.count > 0 {
+            let _ = writeln!(out, "\nunknown/corrupt values: {}", self.unknown.count);
+            write_keys(&mut out, &self.unknown);
+        }
+        if let Some(r) = &self.require_retirable {
+            let _ = writeln!(
+                out,
+                "\n--require-retirable {}: key_id {} ({}): {} objects: {}",
+                r.requested,
+                r.key_id.as_deref().unwrap_or("(no object names it)"),
+                r.key_id_hash,
+                r.objects,
+                if r.retirable {
+                    "retirable, no object is stored under it"
+                } else {
+                    "NOT retirable"
+                }
+            );
+            if r.retirable && self.unknown.count > 0 {
+                // A corrupt value names no key_id; it is unreadable with or without the key.
+                let _ = writeln!(
+                    out,
+                    "  ({} unknown/corrupt values above name no key_id: unreadable either way)",
+                    self.unknown.count
+                );
+            }
+        }
+        out
+    }
+}
+
+fn write_keys(out: &mut String, list: &KeyList) {
+    for key in &list.keys {
+        let _ = writeln!(out, "      {key}");
+    }
+    if list.count > list.keys.len() as u64 {
+        let _ = writeln!(out, "      … and {} more", list.count - list.keys.len() as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::format::{Identity, OtherFormat};
+
+    fn obj(key_id: &str, source: u8, kek: Option<u8>) -> Stored {
+        Stored::KmsV2 {
+            provider: "p".into(),
+            object: EncryptedObject {
+                encrypted_data: vec![1],
+                key_id: key_id.into(),
+                encrypted_dek_source: vec![source; 61],
+                annotations: kek
+                    .map(|k| (KEK_ANNOTATION.to_string(), vec![k; 40]))
+                    .into_iter()
+                    .collect(),
+                encrypted_dek_source_type: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn counts_and_verdicts() {
+        let mut r = Report::new("/registry/", true);
+        r.add("secrets", "/registry/secrets/a/1", &obj("k1", 1, Some(1)), Some(Ok(())));
+        r.add("secrets", "/registry/secrets/a/2", &obj("k1", 1, Some(1)), Some(Ok(())));
+        r.add("secrets", "/registry/secrets/a/3", &obj("k1", 2, Some(2)), Some(Ok(())));
+        r.add(
+            "secrets",
+            "/registry/secrets/a/4",
+            &obj("k2", 3, None),
+            Some(Err("NotFound".into())),
+        );
+        r.add(
+            "secrets",
+            "/registry/secrets/a/5",
+            &Stored::Other(OtherFormat::AesCbc),
+            None,
+        );
+        r.add(
+            "widgets",
+            "/registry/widgets/x",
+            &Stored::Identity(Identity::Json),
+            None,
+        );
+        r.add("widgets", "/registry/widgets/y", &Stored::Unknown("x"), None);
+        r.finish(Some(&KeyIdHash("k3").to_string()));
+        let k1 = &r.key_ids["k1"];
+        assert_eq!(
+            (k1.objects, k1.dek_sources, k1.local_keks, k1.sealed_by_this_plugin),
+            (3, 2, 2, 3)
+        );
+        assert_eq!(k1.verify.as_ref().unwrap().open, 3);
+        let k2 = &r.key_ids["k2"];
+        assert_eq!(k2.verify.as_ref().unwrap().do_not_open.keys, ["/registry/secrets/a/4"]);
+        assert_eq!(r.verify_failures(), 1);
+        assert_eq!(r.resources["secrets"].other_encryption["aescbc"], 1);
+        assert_eq!(r.unknown.keys, ["/registry/widgets/y"]);
+        let req = r.require_retirable.as_ref().unwrap();
+        assert!(req.retirable && req.key_id.is_none());
+        r.finish(Some(&KeyIdHash("k1").to_string()));
+        let req = r.require_retirable.as_ref().unwrap();
+        assert!(!req.retirable);
+        assert_eq!(req.key_id.as_deref(), Some("k1"));
+        assert_eq!(req.objects, 3);
+        assert!(r.to_table().contains("do NOT open"));
+        assert!(r.to_json().contains("\"dek_sources\": 2"));
+    }
+
+    #[test]
+    fn key_lists_are_bounded() {
+        let mut l = KeyList::default();
+        for i in 0..100 {
+            l.add(&i.to_string());
+        }
+        assert_eq!((l.count, l.keys.len()), (100, LISTED));
+    }
+}
