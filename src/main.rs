@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use kms_plugin::backend::tls::error_chain;
 use kms_plugin::settings::Settings;
 use kms_plugin::{backend, client, logging, server};
 
@@ -242,21 +243,6 @@ async fn check(config: Option<PathBuf>) -> Result<(), String> {
         backend.name()
     );
     Ok(())
-}
-
-/// "outer: inner: root cause", so "transport error" says what actually failed.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let part = s.to_string();
-        if !text.ends_with(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = s.source();
-    }
-    text
 }
 
 /// A socket given on the command line: relative paths are taken from the current directory.
