@@ -594,6 +594,10 @@ async fn dev_mode_takes_overrides_and_a_free_port() {
         encrypt(&mut c, &rand_bytes(32)).await;
     }
     assert!(plugin.wait_log("reason=\"uses\"").await, "{}", plugin.logs());
+    // Nothing to reload in dev mode: a SIGHUP is logged, not fatal.
+    plugin.signal("HUP");
+    assert!(plugin.wait_log("SIGHUP ignored").await, "{}", plugin.logs());
+    assert_eq!(status(&mut c).await.healthz, "ok");
     plugin.stop().await;
 }
 

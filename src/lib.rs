@@ -219,17 +219,21 @@ pub async fn run(
         gids: settings.socket.allowed_gids.clone(),
     }));
     let shutdown_grace = settings.shutdown_grace;
-    let reloader = config.map(|path| {
-        let reloader = reload::Reloader::new(
-            path,
-            settings,
-            Arc::clone(&keys),
-            Arc::clone(&peers),
-            log,
-            reload_metrics,
-        );
-        tokio::spawn(reloader.run(rotation_stopped))
-    });
+    let reloader = match config {
+        Some(path) => {
+            let reloader = reload::Reloader::new(
+                path,
+                settings,
+                Arc::clone(&keys),
+                Arc::clone(&peers),
+                log,
+                reload_metrics,
+            );
+            Some(tokio::spawn(reloader.run(rotation_stopped)))
+        }
+        // No file to reload (--dev, --socket): a SIGHUP must not terminate the plugin.
+        None => Some(tokio::spawn(reload::ignore_hangups(rotation_stopped))),
+    };
     let result = server::serve(listener, service, peers, connections, shutdown_grace, shutdown).await;
 
     let _ = stop_rotation.send(true);

@@ -197,6 +197,21 @@ impl Reloader {
     }
 }
 
+/// Without a config file to reload: logs each SIGHUP (whose default action would end the
+/// process) until `shutdown` fires.
+pub async fn ignore_hangups(mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => warn!("SIGHUP ignored: nothing to reload (started with --dev or --socket)"),
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 /// Refuses a reload that changes what a live process cannot, naming the first such field.
 fn fixed_fields_unchanged(old: &Settings, new: &Settings) -> Result<(), String> {
     let backend_type = |s: &Settings| match &s.backend {
