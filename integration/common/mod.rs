@@ -15,6 +15,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 pub mod etcd;
 pub mod kmip;
+pub mod leaks;
 pub mod moto;
 pub mod openbao;
 pub mod raw;
