@@ -68,6 +68,11 @@ async fn kmip_a_new_key_under_the_name_is_a_rotation_without_a_restart() {
     let old = encrypt(&mut c, &seed).await;
     // Initial Date has a resolution of one second: the new key must be strictly newer.
     std::thread::sleep(Duration::from_millis(1100));
+    // A newer object with the name that is not an AES-256 key never becomes the root key.
+    kmip.py("u = c.create(enums.CryptographicAlgorithm.AES, 128, name='kms-root', cryptographic_usage_mask=[enums.CryptographicUsageMask.ENCRYPT, enums.CryptographicUsageMask.DECRYPT])\nc.activate(u)");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(status(&mut c).await.key_id, first, "an AES-128 key took over the name");
+    std::thread::sleep(Duration::from_millis(1100));
     kmip.create_key("kms-root");
     let deadline = Instant::now() + Duration::from_secs(20);
     let second = loop {

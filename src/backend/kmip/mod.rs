@@ -394,22 +394,38 @@ impl KmipBackend {
             CurrentRef::Uid(uid) => return Ok(uid.clone()),
             CurrentRef::Name(name) => name,
         };
+        let attribute = |name: &str, value: Value| {
+            Item::structure(
+                tag::ATTRIBUTE,
+                vec![
+                    Item::new(tag::ATTRIBUTE_NAME, Value::Text(name.into())),
+                    Item::new(tag::ATTRIBUTE_VALUE, value),
+                ],
+            )
+        };
+        // Only an AES-256 symmetric key counts: another object that merely carries the name
+        // (a certificate, a secret, a short key someone could create) can never become root.
         let payload = self
             .operation(
                 op::LOCATE,
-                vec![Item::structure(
-                    tag::ATTRIBUTE,
-                    vec![
-                        Item::new(tag::ATTRIBUTE_NAME, Value::Text("Name".into())),
-                        Item::structure(
-                            tag::ATTRIBUTE_VALUE,
-                            vec![
-                                Item::new(tag::NAME_VALUE, Value::Text(name.clone())),
-                                Item::new(tag::NAME_TYPE, Value::Enumeration(1)),
-                            ],
-                        ),
-                    ],
-                )],
+                vec![
+                    attribute("Object Type", Value::Enumeration(2)),
+                    attribute("Cryptographic Algorithm", Value::Enumeration(3)),
+                    attribute("Cryptographic Length", Value::Integer(256)),
+                    Item::structure(
+                        tag::ATTRIBUTE,
+                        vec![
+                            Item::new(tag::ATTRIBUTE_NAME, Value::Text("Name".into())),
+                            Item::structure(
+                                tag::ATTRIBUTE_VALUE,
+                                vec![
+                                    Item::new(tag::NAME_VALUE, Value::Text(name.clone())),
+                                    Item::new(tag::NAME_TYPE, Value::Enumeration(1)),
+                                ],
+                            ),
+                        ],
+                    ),
+                ],
             )
             .await?;
         let uids: Vec<String> = payload
@@ -431,7 +447,7 @@ impl KmipBackend {
             BackendError::new(
                 ErrorKind::KeyUnusable,
                 format!(
-                    "kmip: no Active key named {name:?} ({} found{})",
+                    "kmip: no Active AES-256 symmetric key named {name:?} ({} found{})",
                     seen_states.len(),
                     if seen_states.is_empty() {
                         String::new()
