@@ -61,10 +61,13 @@ impl Kmip {
         kmip
     }
 
-    /// (Re)starts the server process on the same database and waits for its port.
+    /// (Re)starts the server process on the same database and waits for its port. It runs in
+    /// a process group of its own: pykmip-server forks, and stopping it must end them all.
     pub fn run(&mut self) {
+        use std::os::unix::process::CommandExt;
         self.child = Some(
             Command::new(server_bin())
+                .process_group(0)
                 .arg("-f")
                 .arg(self.dir.join("server.conf"))
                 .arg("-l")
@@ -83,6 +86,9 @@ impl Kmip {
 
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if let Some(group) = rustix::process::Pid::from_raw(c.id() as i32) {
+                let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
