@@ -190,20 +190,13 @@ async fn kmip_trace_logs_carry_no_key_material() {
     kmip.create_key("kms-root");
     let config = kmip.config(&dir, "kms-root", "", "");
     let (_, cold_e) = cold(&config).await;
-    let mut plugin = Plugin::spawn_env(
-        &["serve", "--config", config.to_str().unwrap()],
-        &dir.socket(),
-        &[("RUST_LOG", "trace")],
-    );
-    plugin.wait_ready().await;
+    let plugin = Plugin::start_traced(&config).await;
     let mut c = plugin.client().await;
     let seed = rand_bytes(32);
     let e = encrypt(&mut c, &seed).await;
     decrypt(&mut c, &e).await.unwrap();
     decrypt(&mut c, &cold_e).await.unwrap();
-    plugin.signal("TERM");
-    plugin.wait_exit().await;
-    let logs = plugin.logs();
+    let logs = plugin.stop_with_logs().await;
     assert!(logs.contains("backend call"), "trace logs missing");
     let key = std::fs::read(&kmip.pki.client_key).unwrap();
     let mut secrets = vec![seed, key];

@@ -122,13 +122,7 @@ async fn core_dumps_are_disabled() {
 async fn trace_logs_carry_no_secrets() {
     let dir = Dir::new();
     let config = dir.config(&dir.socket(), "root.key", &[], "[kek]\nmax_uses = 3");
-    let socket = dir.socket();
-    let mut plugin = Plugin::spawn_env(
-        &["serve", "--config", config.to_str().unwrap()],
-        &socket,
-        &[("RUST_LOG", "trace")],
-    );
-    plugin.wait_ready().await;
+    let plugin = Plugin::start_traced(&config).await;
     let mut c = plugin.client().await;
     let mut secrets: Vec<Vec<u8>> = vec![std::fs::read(dir.key("root.key")).unwrap()];
     for _ in 0..8 {
@@ -141,9 +135,7 @@ async fn trace_logs_carry_no_secrets() {
         secrets.push(seed);
         secrets.push(e.ciphertext.to_vec());
     }
-    plugin.signal("TERM");
-    assert!(plugin.wait_exit().await.success());
-    let logs = plugin.logs();
+    let logs = plugin.stop_with_logs().await;
     assert!(logs.len() > 1000, "expected a trace-level workload log");
     leaks::assert_no_leaks(&logs, &secrets);
 }

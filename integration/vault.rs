@@ -473,20 +473,13 @@ async fn trace_logs_carry_no_token_secret_id_or_kek() {
     let auth = approle(&bao, &dir, "1h");
     let config = bao.config(&dir, "k", &[], &auth, "", "");
     let cold = cold_ciphertexts(&config, 1).await;
-    let mut plugin = Plugin::spawn_env(
-        &["serve", "--config", config.to_str().unwrap()],
-        &dir.socket(),
-        &[("RUST_LOG", "trace")],
-    );
-    plugin.wait_ready().await;
+    let plugin = Plugin::start_traced(&config).await;
     let mut c = plugin.client().await;
     let seed = rand_bytes(32);
     let e = encrypt(&mut c, &seed).await;
     decrypt(&mut c, &e).await.unwrap();
     decrypt(&mut c, &cold[0].1).await.unwrap();
-    plugin.signal("TERM");
-    plugin.wait_exit().await;
-    let logs = plugin.logs();
+    let logs = plugin.stop_with_logs().await;
     assert!(logs.contains("vault login succeeded"), "trace logs missing");
 
     let secret_id = std::fs::read_to_string(dir.path("secret-id")).unwrap();

@@ -103,6 +103,19 @@ impl Plugin {
         plugin
     }
 
+    /// Starts `serve --config <config>` logging at trace level (for the secret scans).
+    pub async fn start_traced(config: &Path) -> Plugin {
+        Self::start_env(config, &[("RUST_LOG", "trace")]).await
+    }
+
+    /// SIGTERM, a clean exit, and everything the plugin logged.
+    pub async fn stop_with_logs(mut self) -> String {
+        self.signal("TERM");
+        let status = self.wait_exit().await;
+        assert!(status.success(), "exit {status:?}; logs:\n{}", self.logs());
+        self.logs()
+    }
+
     /// Spawns the binary with `args`, capturing stderr; does not wait.
     pub fn spawn(args: &[&str], socket: &str) -> Plugin {
         Self::spawn_env::<&str>(args, socket, &[])
