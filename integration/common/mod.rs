@@ -14,6 +14,7 @@ use kms_plugin::server::socket::SocketAddress;
 use ring::rand::{SecureRandom, SystemRandom};
 
 pub mod etcd;
+pub mod fake_vault;
 pub mod kmip;
 pub mod leaks;
 pub mod moto;
@@ -357,4 +358,17 @@ pub fn assert_contract(e: &EncryptResponse, status_key_id: &str) {
     assert!(!e.ciphertext.is_empty() && e.ciphertext.len() <= 1024);
     let map: HashMap<String, Vec<u8>> = e.annotations.iter().map(|(k, v)| (k.clone(), v.to_vec())).collect();
     kms_plugin::contract::check_annotations(&map).unwrap();
+}
+
+/// Polls `check` every 20 ms until it holds, for at most 20 s.
+pub async fn eventually<F, Fut>(what: &str, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !check().await {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

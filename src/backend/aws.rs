@@ -142,11 +142,28 @@ impl AwsBackend {
         let meta = out
             .key_metadata
             .ok_or_else(|| BackendError::new(ErrorKind::Transient, "aws DescribeKey: no metadata"))?;
-        if meta.key_state != Some(KeyState::Enabled) {
-            return Err(BackendError::new(
-                ErrorKind::KeyUnusable,
-                format!("aws key {} is {:?}", meta.arn.as_deref().unwrap_or("?"), meta.key_state),
-            ));
+        match &meta.key_state {
+            Some(KeyState::Enabled) => {}
+            // States in which AWS says the key cannot be used until someone acts.
+            Some(
+                state @ (KeyState::Disabled
+                | KeyState::PendingDeletion
+                | KeyState::PendingImport
+                | KeyState::PendingReplicaDeletion),
+            ) => {
+                return Err(BackendError::new(
+                    ErrorKind::KeyUnusable,
+                    format!("aws key {} is {state:?}", meta.arn.as_deref().unwrap_or("?")),
+                ));
+            }
+            // No state, Unavailable (a disconnected custom key store), Creating, Updating, or a
+            // state this SDK does not know: nothing authoritative about the key.
+            state => {
+                return Err(BackendError::new(
+                    ErrorKind::Transient,
+                    format!("aws key {} is {state:?}", meta.arn.as_deref().unwrap_or("?")),
+                ));
+            }
         }
         let arn = meta
             .arn
@@ -234,7 +251,11 @@ impl Backend for AwsBackend {
                 .ok_or_else(|| BackendError::new(ErrorKind::Transient, "aws Decrypt: no plaintext"))?
                 .into_inner(),
         );
-        Kek::from_bytes(&plain)
-            .ok_or_else(|| BackendError::new(ErrorKind::BadWrappedKey, "aws: unwrapped KEK has the wrong length"))
+        Kek::from_bytes(&plain).ok_or_else(|| {
+            BackendError::new(
+                ErrorKind::Transient,
+                "aws Decrypt: malformed answer (unwrapped KEK has the wrong length)",
+            )
+        })
     }
 }

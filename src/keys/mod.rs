@@ -32,6 +32,7 @@ use crate::backend::{Backend, BackendError, ErrorKind, Wrapped};
 use crate::contract;
 use crate::error::Error;
 use crate::logging::KeyIdHash;
+use crate::shares::Peer;
 use cache::{KekCache, KekRef};
 use envelope::Envelope;
 use rotation::{Reason, RotationPolicy};
@@ -101,6 +102,9 @@ struct Health {
     revoked: Option<BackendError>,
     /// The key_id that failed, if known: nothing is unwrapped under it until a probe succeeds.
     revoked_key: Option<String>,
+    /// A first authoritative refusal of the current root key, not yet confirmed: revocation
+    /// (and the purge) waits for a second one in a row (see [`Keys::note_backend_error`]).
+    suspect: Option<BackendError>,
     /// When a probe last succeeded.
     last_ok: Option<Instant>,
 }
@@ -224,6 +228,7 @@ impl Keys {
         health.last_ok = Some(Instant::now());
         let was_revoked = health.revoked.take().is_some();
         health.revoked_key = None;
+        health.suspect = None;
         let was_failing = health.failing_since.take().is_some();
         if was_revoked || was_failing {
             info!("backend healthy again");
@@ -231,26 +236,40 @@ impl Keys {
     }
 
     /// A failed unwrap on the request path. It may be the caller's bad input as much as a
-    /// revoked key, so it never revokes: a permanent error purges that key's cached KEKs and
-    /// asks the background task to probe now; only the probe decides revocation.
+    /// revoked key, and it is one answer, so it neither revokes nor purges: a permanent error
+    /// asks the background task to probe now, and only the probe decides.
     fn note_unwrap_error(&self, key_id: &str, e: &BackendError) {
         if is_permanent(e) {
-            let purged = self.cache.purge_key(key_id);
-            warn!(error = %e, key_id_hash = %KeyIdHash(key_id), purged_keks = purged, "unwrap refused by the backend; probing now");
+            warn!(error = %e, key_id_hash = %KeyIdHash(key_id), "unwrap refused by the backend; probing now");
             self.rotate_soon.notify_one();
         } else if e.kind == ErrorKind::Transient {
             self.lock_health().failing_since.get_or_insert_with(Instant::now);
         }
     }
 
-    /// Records a backend failure concerning `key_id` (None: the current root key). A permanent
-    /// failure purges that key's cached KEKs; for the current key it also retires the current
-    /// KEK, so nothing more is sealed or opened under a revoked root key.
+    /// Records a failure of the background task's probe, verify or wrap, concerning `key_id`
+    /// (None: the current root key). A permanent failure (the backend's authoritative "key gone,
+    /// disabled or denied"; backends map anything ambiguous to `Transient`) must be seen twice
+    /// in a row before it acts: the first only marks the key suspect and asks for another probe
+    /// soon. The second purges that key's cached KEKs and, for the current key, retires the
+    /// current KEK, so nothing more is sealed or opened under a revoked root key.
     fn note_backend_error(&self, key_id: Option<&str>, e: &BackendError) {
         let current = self.current();
         let current_id = current.as_ref().map(|c| c.key_id.as_str());
         let key_id = key_id.or(current_id);
         if is_permanent(e) {
+            {
+                let mut health = self.lock_health();
+                if health.revoked.is_none() && health.suspect.replace(e.clone()).is_none() {
+                    drop(health);
+                    warn!(
+                        error = %e,
+                        key_id_hash = %KeyIdHash(key_id.unwrap_or_default()),
+                        "root key refused by the backend; confirming with another probe before purging"
+                    );
+                    return;
+                }
+            }
             let purged = key_id.map(|k| self.cache.purge_key(k)).unwrap_or(0);
             let is_current = key_id.is_none() || key_id == current_id;
             warn!(
@@ -323,11 +342,13 @@ impl Keys {
 
     /// Opens a seed. Checks, in order: framing, that the key_id is known, the KEK (cache, else
     /// one coalesced backend unwrap), then the envelope's authentication.
+    /// `peer` is who asked (None: in-process), for its share of waiting room on a cache miss.
     pub async fn decrypt(
         &self,
         key_id: &str,
         wrapped_kek: &bytes::Bytes,
         ciphertext: &[u8],
+        peer: Option<Peer>,
     ) -> Result<Plaintext, Error> {
         let envelope = Envelope::parse(ciphertext)?;
         let active = self.active();
@@ -361,7 +382,7 @@ impl Keys {
         let kek_ref = KekRef::new(key_id, wrapped_kek);
         let kek = self
             .cache
-            .get_or_fetch(kek_ref, key_id, || {
+            .get_or_fetch(kek_ref, key_id, peer, || {
                 let (backend, key_id, blob) = (Arc::clone(&active.backend), key_id.to_owned(), wrapped_kek.clone());
                 let metrics = self.metrics.clone();
                 async move {
@@ -378,6 +399,7 @@ impl Keys {
             .await
             .map_err(|miss| match miss {
                 cache::Miss::Busy => Error::Overloaded,
+                cache::Miss::Shares(limit) => Error::PeerShare(limit),
                 cache::Miss::Backend(e) => {
                     self.note_unwrap_error(key_id, &e);
                     Error::Backend(e)

@@ -255,7 +255,7 @@ impl Auth {
             )
             .await?;
         if reply.status != 200 {
-            return Err(BackendError::new(kind_of(reply.status), "vault renew-self refused"));
+            return Err(BackendError::new(kind_of(&reply), "vault renew-self refused"));
         }
         let lease = reply.body["auth"]["lease_duration"].as_u64().unwrap_or(0);
         // A renewal capped by the token's max TTL: better a fresh login now.
@@ -271,11 +271,14 @@ impl Auth {
         if let Some(at) = state.not_before
             && Instant::now() < at
         {
+            // Not a new answer from the server: transient, so it never counts as the second
+            // of two refusals in a row (the last real answer's kind is in the message).
             return Err(BackendError::new(
-                state.last_failure.unwrap_or(ErrorKind::Transient),
+                ErrorKind::Transient,
                 format!(
-                    "vault {} login failed recently; next attempt in {} ms",
+                    "vault {} login failed recently ({:?}); next attempt in {} ms",
                     self.method(),
+                    state.last_failure.unwrap_or(ErrorKind::Transient),
                     at.saturating_duration_since(Instant::now()).as_millis()
                 ),
             ));
@@ -326,15 +329,15 @@ impl Auth {
                             reply.body["data"]["renewable"].as_bool().unwrap_or(false),
                         )
                     }
-                    403 => {
+                    403 if reply.is_vault_error() => {
                         return Err(BackendError::new(
                             ErrorKind::Denied,
                             "vault: the token in token_file is not valid",
                         ));
                     }
-                    s => {
+                    _ => {
                         return Err(BackendError::new(
-                            kind_of(s),
+                            kind_of(&reply),
                             format!("vault lookup-self: {}", reply.error_text()),
                         ));
                     }
@@ -378,8 +381,8 @@ impl Auth {
         let reply = reply?;
         if reply.status != 200 {
             let kind = match reply.status {
-                400 | 401 | 403 => ErrorKind::Denied,
-                s => kind_of(s),
+                400 | 401 | 403 if reply.is_vault_error() => ErrorKind::Denied,
+                _ => kind_of(&reply),
             };
             return Err(BackendError::new(
                 kind,

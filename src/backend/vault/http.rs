@@ -43,22 +43,60 @@ pub struct Http {
     timeout: Duration,
 }
 
-/// A Vault answer: HTTP status and JSON body (`Null` when empty).
+/// Longest error text from a Vault answer that goes into a log line or `check`'s output.
+const MAX_ERROR_TEXT: usize = 200;
+
+/// A Vault answer: HTTP status and JSON body (`Null` when empty or not JSON).
 pub struct Reply {
     pub status: u16,
     pub body: Value,
+    /// Vault's own error strings, scrubbed for logs (see [`scrub_errors`]).
+    errors: String,
 }
 
 impl Reply {
-    /// The first of Vault's `errors`, for logs.
-    pub fn error_text(&self) -> String {
-        let text = self.body["errors"]
-            .as_array()
-            .and_then(|e| e.first())
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        format!("HTTP {}: {}", self.status, text.chars().take(200).collect::<String>())
+    /// Whether this is an error answer of Vault's own API: a JSON object with an `errors` array.
+    /// A proxy's or ingress's page, or garbage, is not: it says nothing about the key.
+    pub fn is_vault_error(&self) -> bool {
+        self.body.get("errors").is_some_and(Value::is_array)
     }
+
+    /// The status and Vault's error strings, for logs; never any other part of the body.
+    pub fn error_text(&self) -> String {
+        format!("HTTP {}: {}", self.status, self.errors)
+    }
+}
+
+/// Vault's error strings of an answer to `path`, safe to log: none for an auth endpoint (a
+/// server or proxy that echoes the request would echo a credential), else the `errors` strings
+/// on one line, with every string we sent (a KEK, a token) cut out, at most
+/// [`MAX_ERROR_TEXT`] characters.
+fn scrub_errors(path: &str, body: &Value, sent: &[&str]) -> String {
+    if path.starts_with("auth/") {
+        return "(answer of an auth endpoint not shown)".into();
+    }
+    let Some(errors) = body.get("errors").and_then(Value::as_array) else {
+        return "(not a Vault API answer)".into();
+    };
+    let mut text = errors.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("; ");
+    for secret in sent.iter().filter(|s| s.len() >= 4) {
+        text = text.replace(secret, "<redacted>");
+    }
+    let text: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match text.char_indices().nth(MAX_ERROR_TEXT) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
+}
+
+/// The string values of a request body (what must never come back into a log).
+fn sent_strings<'a>(body: Option<&'a Value>, token: Option<&'a str>) -> Vec<&'a str> {
+    let mut out: Vec<&str> = token.into_iter().collect();
+    if let Some(Value::Object(map)) = body {
+        out.extend(map.values().filter_map(Value::as_str));
+    }
+    out
 }
 
 impl Http {
@@ -118,6 +156,7 @@ impl Http {
         if let Some(ns) = &self.namespace {
             request = request.header("x-vault-namespace", ns.as_str());
         }
+        let body_sent = body;
         let payload = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
         let request = request
             .body(Full::new(payload))
@@ -139,12 +178,17 @@ impl Http {
                 .await
                 .map_err(|e| BackendError::new(ErrorKind::Transient, format!("vault {path}: reading the answer: {e}")))?
                 .to_bytes();
-            let body = if bytes.is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+            // Anything but a JSON object is not an answer of Vault's API.
+            let body = match serde_json::from_slice::<Value>(&bytes) {
+                Ok(v @ Value::Object(_)) => v,
+                _ => Value::Null,
             };
-            Ok(Reply { status, body })
+            let errors = if (200..300).contains(&status) {
+                String::new()
+            } else {
+                scrub_errors(path, &body, &sent_strings(body_sent, token))
+            };
+            Ok(Reply { status, body, errors })
         };
         tokio::time::timeout(self.timeout, call).await.unwrap_or_else(|_| {
             Err(BackendError::new(
@@ -155,9 +199,15 @@ impl Http {
     }
 }
 
-/// What an HTTP error status means, before any operation-specific reading of a 400.
-pub fn kind_of(status: u16) -> ErrorKind {
-    match status {
+/// What an HTTP error answer means, before any operation-specific reading of a 400. Only an
+/// error answer of Vault's own API is authoritative: the same status with any other body (an
+/// ingress's HTML page, a proxy's refusal, garbage) is a transient fault, never a denial or a
+/// revocation.
+pub fn kind_of(reply: &Reply) -> ErrorKind {
+    if !reply.is_vault_error() {
+        return ErrorKind::Transient;
+    }
+    match reply.status {
         401 | 403 => ErrorKind::Denied,
         404 => ErrorKind::KeyUnusable,
         400 => ErrorKind::BadWrappedKey,

@@ -96,15 +96,46 @@ fn default_call_timeout() -> Duration {
     Duration::from_secs(2)
 }
 
-/// What the last read of a Transit key said.
+/// What one well-formed read of a Transit key said.
 #[derive(Clone)]
 struct KeyInfo {
     latest: u64,
     min_decryption: u64,
     /// key_id of the latest version.
     current_id: String,
-    /// Set when the key is gone or unusable: every key_id under it is refused.
-    unusable: Option<String>,
+}
+
+/// What the last two authoritative reads of a Transit key said. A refusal takes effect only when
+/// both agree, so one odd answer (a proxy's, a misrouted request's) never retires a version.
+#[derive(Clone, Default)]
+struct KeyState {
+    /// `Err(why)`: Vault said the key does not exist or cannot be used.
+    last: Option<Result<KeyInfo, String>>,
+    previous: Option<Result<KeyInfo, String>>,
+}
+
+impl KeyState {
+    fn record(&mut self, reading: Result<KeyInfo, String>) {
+        self.previous = self.last.replace(reading);
+    }
+
+    /// Why every version of the key is refused: both reads said it is gone.
+    fn unusable(&self) -> Option<&str> {
+        match (&self.last, &self.previous) {
+            (Some(Err(why)), Some(Err(_))) => Some(why),
+            _ => None,
+        }
+    }
+
+    /// The lowest version both reads allow to decrypt (1 until two reads agree).
+    fn min_decryption(&self) -> u64 {
+        let min = |r: &Option<Result<KeyInfo, String>>| match r {
+            Some(Ok(info)) => info.min_decryption,
+            Some(Err(_)) => u64::MAX,
+            None => 1,
+        };
+        min(&self.last).min(min(&self.previous))
+    }
 }
 
 /// A Transit key (current or decrypt-only).
@@ -121,7 +152,7 @@ pub struct VaultBackend {
     current: KeyName,
     keys: Vec<KeyName>,
     /// By identity.
-    info: Mutex<HashMap<String, KeyInfo>>,
+    info: Mutex<HashMap<String, KeyState>>,
 }
 
 impl VaultBackend {
@@ -162,7 +193,7 @@ impl VaultBackend {
         })
     }
 
-    fn info(&self) -> std::sync::MutexGuard<'_, HashMap<String, KeyInfo>> {
+    fn info(&self) -> std::sync::MutexGuard<'_, HashMap<String, KeyState>> {
         self.info.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -173,7 +204,7 @@ impl VaultBackend {
         loop {
             let token = self.auth.token(&self.http).await?;
             let reply = self.http.call(method.clone(), path, Some(&token), body).await?;
-            if reply.status == 403 && !retried && self.auth.refused(&token).await {
+            if reply.status == 403 && reply.is_vault_error() && !retried && self.auth.refused(&token).await {
                 retried = true;
                 continue;
             }
@@ -181,36 +212,34 @@ impl VaultBackend {
         }
     }
 
-    /// Reads a Transit key and records what it says.
+    /// Reads a Transit key and records what an authoritative answer says.
     async fn read_key(&self, key: &KeyName) -> Result<KeyInfo, BackendError> {
         let reply = self
             .call(Method::GET, &format!("{}/keys/{}", self.mount, key.name), None)
             .await?;
         let info = match reply.status {
             200 => parse_key(&key.identity, &reply.body["data"]),
-            404 => Err(BackendError::new(
+            // Vault's own "no such key" (a JSON `errors` answer); any other 404 is a proxy's.
+            404 if reply.is_vault_error() => Err(BackendError::new(
                 ErrorKind::KeyUnusable,
                 format!("vault: Transit key {:?} not found under {:?}", key.name, self.mount),
             )),
-            s => Err(BackendError::new(
-                kind_of(s),
+            _ => Err(BackendError::new(
+                kind_of(&reply),
                 format!("vault read key {:?}: {}", key.name, reply.error_text()),
             )),
         };
         match &info {
-            Ok(info) => {
-                self.info().insert(key.identity.clone(), info.clone());
-            }
-            Err(e) if e.kind == ErrorKind::KeyUnusable => {
-                let mut all = self.info();
-                let entry = all.entry(key.identity.clone()).or_insert_with(|| KeyInfo {
-                    latest: 0,
-                    min_decryption: 0,
-                    current_id: String::new(),
-                    unusable: None,
-                });
-                entry.unusable = Some(e.detail.clone());
-            }
+            Ok(info) => self
+                .info()
+                .entry(key.identity.clone())
+                .or_default()
+                .record(Ok(info.clone())),
+            Err(e) if e.kind == ErrorKind::KeyUnusable => self
+                .info()
+                .entry(key.identity.clone())
+                .or_default()
+                .record(Err(e.detail.clone())),
             Err(_) => {}
         }
         info
@@ -243,20 +272,33 @@ fn parse_key_id(key_id: &str) -> Option<(&str, u64)> {
     Some((identity, version.strip_prefix('v')?.parse().ok()?))
 }
 
-/// The `data` of `GET {mount}/keys/{key}`.
+/// The `data` of `GET {mount}/keys/{key}`. An answer without the fields every Transit key has
+/// is not Vault's (a proxy, a misrouted request): transient, never a verdict on the key.
 fn parse_key(identity: &str, data: &Value) -> Result<KeyInfo, BackendError> {
-    let bad = |why: String| BackendError::new(ErrorKind::KeyUnusable, format!("vault: {why}"));
-    let kind = data["type"].as_str().unwrap_or("");
-    if !AEAD_TYPES.contains(&kind) {
-        return Err(bad(format!(
-            "Transit key type {kind:?} cannot bind associated data; use one of {}",
-            AEAD_TYPES.join(", ")
-        )));
-    }
+    let malformed = |why: &str| {
+        BackendError::new(
+            ErrorKind::Transient,
+            format!("vault read key: malformed answer ({why})"),
+        )
+    };
+    let kind = data["type"].as_str().ok_or_else(|| malformed("no type"))?;
     let latest = data["latest_version"]
         .as_u64()
         .filter(|v| *v > 0)
-        .ok_or_else(|| bad("Transit key has no latest_version".into()))?;
+        .ok_or_else(|| malformed("no latest_version"))?;
+    if !data["keys"].is_object() {
+        return Err(malformed("no keys"));
+    }
+    if !AEAD_TYPES.contains(&kind) {
+        // Well-formed, and it says the key cannot do what the plugin needs.
+        return Err(BackendError::new(
+            ErrorKind::KeyUnusable,
+            format!(
+                "vault: Transit key type {kind:?} cannot bind associated data; use one of {}",
+                AEAD_TYPES.join(", ")
+            ),
+        ));
+    }
     let created = &data["keys"][latest.to_string()];
     let created = match created {
         Value::Number(n) => n.to_string(),
@@ -268,7 +310,6 @@ fn parse_key(identity: &str, data: &Value) -> Result<KeyInfo, BackendError> {
         latest,
         min_decryption: data["min_decryption_version"].as_u64().unwrap_or(1),
         current_id: format!("vault:{identity}:v{latest}:{}", hex::encode(&tag.as_ref()[..4])),
-        unusable: None,
     })
 }
 
@@ -303,26 +344,27 @@ impl Backend for VaultBackend {
     fn refuses(&self, key_id: &str) -> Option<BackendError> {
         let (identity, version) = parse_key_id(key_id)?;
         let all = self.info();
-        let info = all.get(identity)?;
-        if let Some(why) = &info.unusable {
-            return Some(BackendError::new(ErrorKind::KeyUnusable, why.clone()));
+        let state = all.get(identity)?;
+        if let Some(why) = state.unusable() {
+            return Some(BackendError::new(ErrorKind::KeyUnusable, why.to_string()));
         }
-        (version < info.min_decryption).then(|| {
+        let min = state.min_decryption();
+        (version < min).then(|| {
             BackendError::new(
                 ErrorKind::KeyUnusable,
-                format!(
-                    "vault: key version {version} is below min_decryption_version {}",
-                    info.min_decryption
-                ),
+                format!("vault: key version {version} is below min_decryption_version {min}"),
             )
         })
     }
 
     async fn wrap(&self, kek: &Kek) -> Result<Wrapped, BackendError> {
-        let known = self.info().get(&self.current.identity).cloned();
+        let known = self.info().get(&self.current.identity).and_then(|s| match &s.last {
+            Some(Ok(info)) => Some(info.clone()),
+            _ => None,
+        });
         let info = match known {
-            Some(info) if info.unusable.is_none() => info,
-            _ => self.read_key(&self.current).await?,
+            Some(info) => info,
+            None => self.read_key(&self.current).await?,
         };
         let plaintext = Zeroizing::new(B64.encode(kek.expose()));
         let mut body = json!({
@@ -343,7 +385,7 @@ impl Backend for VaultBackend {
         let reply = reply?;
         if reply.status != 200 {
             return Err(BackendError::new(
-                op_kind(reply.status, &reply),
+                op_kind(&reply),
                 format!("vault encrypt: {}", reply.error_text()),
             ));
         }
@@ -389,7 +431,7 @@ impl Backend for VaultBackend {
             .await?;
         if reply.status != 200 {
             return Err(BackendError::new(
-                op_kind(reply.status, &reply),
+                op_kind(&reply),
                 format!("vault decrypt: {}", reply.error_text()),
             ));
         }
@@ -402,12 +444,20 @@ impl Backend for VaultBackend {
                 ));
             }
         };
-        let bytes = Zeroizing::new(
-            B64.decode(plaintext.as_bytes())
-                .map_err(|_| BackendError::new(ErrorKind::BadWrappedKey, "vault decrypt: plaintext is not base64"))?,
-        );
-        Kek::from_bytes(&bytes)
-            .ok_or_else(|| BackendError::new(ErrorKind::BadWrappedKey, "vault: unwrapped KEK has the wrong length"))
+        // A 200 whose plaintext is not a KEK is a malformed answer, not a verdict on the wrapped
+        // KEK: transient, so it is never remembered as bad once the server answers right again.
+        let bytes = Zeroizing::new(B64.decode(plaintext.as_bytes()).map_err(|_| {
+            BackendError::new(
+                ErrorKind::Transient,
+                "vault decrypt: malformed answer (plaintext is not base64)",
+            )
+        })?);
+        Kek::from_bytes(&bytes).ok_or_else(|| {
+            BackendError::new(
+                ErrorKind::Transient,
+                "vault decrypt: malformed answer (unwrapped KEK has the wrong length)",
+            )
+        })
     }
 
     fn max_wrapped_len(&self) -> usize {
@@ -416,13 +466,14 @@ impl Backend for VaultBackend {
     }
 }
 
-/// What a failed encrypt or decrypt means.
-fn op_kind(status: u16, reply: &Reply) -> ErrorKind {
+/// What a failed encrypt or decrypt means (only Vault's own error answers are verdicts).
+fn op_kind(reply: &Reply) -> ErrorKind {
     let text = reply.error_text();
-    match status {
+    match reply.status {
+        400 if !reply.is_vault_error() => ErrorKind::Transient,
         400 if text.contains("disallowed by policy") || text.contains("too old") => ErrorKind::KeyUnusable,
         400 if text.contains("not found") || text.contains("no existing key") => ErrorKind::KeyUnusable,
-        s => kind_of(s),
+        _ => kind_of(reply),
     }
 }
 
