@@ -66,7 +66,7 @@ fn cache_hit(c: &mut Criterion) {
     let hit = refs[500];
     c.bench_function("kek_cache/get_or_fetch_hit", |b| {
         b.iter(|| {
-            ready(cache.get_or_fetch(black_box(hit), KEY_ID, || async {
+            ready(cache.get_or_fetch(black_box(hit), KEY_ID, None, || async {
                 Err::<Kek, _>(BackendError::new(ErrorKind::Transient, "must not be called"))
             }))
             .unwrap()

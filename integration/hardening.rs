@@ -675,3 +675,98 @@ async fn a_healthy_plugin_is_quiet_at_info() {
     assert!(logs.contains("serving KMS v2"), "{logs}");
     plugin.stop().await;
 }
+
+/// A peer of another uid (65534) holding every call it can on unwraps that take 1 s: 63
+/// connections × 30 streams, all of a round's calls waiting on one tampered KEK. Our own
+/// connection's Status and cached Decrypts must all succeed meanwhile, and so must a new
+/// connection of ours. Without per-uid shares the flood held all 1,536 open-call slots.
+#[tokio::test]
+async fn another_uids_flood_of_waiting_decrypts_never_holds_our_calls() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test runs a peer under another uid (setpriv): run the suite as root, as CI does"
+    );
+    let dir = Dir::new();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir(dir.path("run")).unwrap();
+    std::fs::set_permissions(dir.path("run"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = dir.write_config(&format!(
+        "[socket]\npath = {:?}\nmode = \"0666\"\n[backend]\ntype = \"local\"\ncurrent_key_file = {:?}\n[bench]\nbackend_latency = \"1s\"\n",
+        dir.socket(),
+        dir.key("root.key").display().to_string()
+    ));
+    let plugin = Plugin::start(&config).await;
+    let mut ours = plugin.client().await;
+    let mut cached = Vec::new();
+    for _ in 0..4 {
+        let seed = rand_bytes(32);
+        let e = encrypt(&mut ours, &seed).await;
+        assert_eq!(decrypt(&mut ours, &e).await.unwrap(), seed);
+        cached.push((seed, e));
+    }
+    let attacker = Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_kms-bench"))
+        .args([
+            "tampered",
+            "--socket",
+            &plugin.socket,
+            "--connections",
+            "63",
+            "--concurrency",
+            "1890",
+        ])
+        .args(["--duration", "8s", "--warmup", "0s", "--timeout", "20s", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The flood is on once hundreds of its calls have waited on unwraps.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while plugin.metric("kms_plugin_kek_cache_coalesced_total").await < 500.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the flood never took hold\n{}",
+            plugin.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (mut ok, mut failed) = (0, Vec::new());
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut i = 0;
+    while Instant::now() < until {
+        let (seed, e) = &cached[i % cached.len()];
+        i += 1;
+        let mut status = tonic::Request::new(StatusRequest {});
+        status.set_timeout(Duration::from_secs(3));
+        match ours.status(status).await {
+            Ok(s) if s.get_ref().healthz == "ok" => ok += 1,
+            other => failed.push(format!("Status: {other:?}")),
+        }
+        match tokio::time::timeout(Duration::from_secs(3), decrypt(&mut ours, e)).await {
+            Ok(Ok(back)) if &back == seed => ok += 1,
+            other => failed.push(format!("cached Decrypt: {other:?}")),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A new connection of ours gets in (it displaces one of the flood's) and is served.
+    let fresh = legitimate_calls(&plugin).await;
+    let output = attacker.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        failed.is_empty(),
+        "{} of {} calls failed: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    fresh.expect("a new connection of ours during the flood");
+    // The flood was real: it had calls refused for its share, and calls waiting.
+    assert!(
+        report.contains("ResourceExhausted"),
+        "{report}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    plugin.stop().await;
+}

@@ -31,6 +31,10 @@ pub enum Error {
     /// Too many distinct KEK unwraps queued in this process (local load, not an outage).
     #[error("too many distinct KEK unwraps queued in the plugin; retry")]
     Overloaded,
+    /// The caller (its connection or uid), or all callers, have as many calls open or waiting
+    /// as they may; the others are served. Local load, not an outage.
+    #[error("too many calls of this {} waiting in the plugin; retry", .0.as_str())]
+    PeerShare(crate::shares::Limit),
     /// A local failure that is not the caller's fault (random number generator).
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -52,7 +56,7 @@ impl Error {
                 ErrorKind::BadWrappedKey => Code::DataLoss,
             },
             Error::NotReady | Error::KekExhausted => Code::Unavailable,
-            Error::Overloaded => Code::ResourceExhausted,
+            Error::Overloaded | Error::PeerShare(_) => Code::ResourceExhausted,
             Error::Internal(_) => Code::Internal,
         }
     }

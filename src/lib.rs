@@ -19,6 +19,7 @@ pub mod secret_file;
 pub mod server;
 pub mod service;
 pub mod settings;
+pub mod shares;
 
 /// Generated gRPC code for the KMS APIs in `proto/`.
 pub mod proto {
@@ -197,7 +198,7 @@ pub async fn run(
     let key_id = keys
         .current()
         .map(|c| KeyIdHash(c.key_id()).to_string())
-        .unwrap_or_default();
+        .unwrap_or_else(|| "-".into());
     info!(
         socket = %address,
         backend = keys.backend().name(),

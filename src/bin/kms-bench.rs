@@ -34,6 +34,10 @@ pub enum Scenario {
     Decrypt,
     /// Status, Encrypt and hot Decrypt interleaved by --mix.
     Mixed,
+    /// Decrypts with tampered annotations (every call should fail; codes are counted): what
+    /// refusing costs the target. Every worker's k-th call carries the same tampered KEK, so
+    /// each round's calls wait on one unwrap, as a hostile local peer's would.
+    Tampered,
     /// Raw Unix-socket request/response ping-pong of the same sizes against an in-process
     /// echo server: the physical floor for one call.
     Floor,
@@ -51,6 +55,7 @@ impl Scenario {
             Scenario::Encrypt => "encrypt",
             Scenario::Decrypt => "decrypt",
             Scenario::Mixed => "mixed",
+            Scenario::Tampered => "tampered",
             Scenario::Floor => "floor",
             Scenario::ColdStart => "cold-start",
             Scenario::Startup => "startup",
@@ -157,7 +162,9 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match args.scenario {
-            Scenario::Status | Scenario::Encrypt | Scenario::Decrypt | Scenario::Mixed => grpc::run(&args).await,
+            Scenario::Status | Scenario::Encrypt | Scenario::Decrypt | Scenario::Mixed | Scenario::Tampered => {
+                grpc::run(&args).await
+            }
             Scenario::Floor => floor::run(&args).await,
             Scenario::ColdStart => cold::run(&args).await,
             Scenario::Startup => cold::startup(&args).await,

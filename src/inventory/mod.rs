@@ -67,7 +67,7 @@ impl Verifier {
             Some(kek) if o.annotations.len() == 1 && !kek.is_empty() => bytes::Bytes::copy_from_slice(kek),
             _ => return Ok(Err("not sealed by this plugin".into())),
         };
-        match self.keys.decrypt(&o.key_id, &kek, &o.encrypted_dek_source).await {
+        match self.keys.decrypt(&o.key_id, &kek, &o.encrypted_dek_source, None).await {
             // The seed is wiped as it drops here; only the outcome is kept.
             Ok(_seed) => Ok(Ok(())),
             Err(e) if e.code() == tonic::Code::Unavailable || e.code() == tonic::Code::ResourceExhausted => Err(

@@ -10,6 +10,13 @@
 //! (up to [`MAX_WAITING`] of them, for up to [`MAX_WAIT`]) instead of failing, so a legitimate
 //! cold Decrypt queued behind garbage still succeeds. Only a full queue is refused, as
 //! [`Miss::Busy`], which is local load and never a backend outage.
+//!
+//! Every call that misses the cache, whether it starts an unwrap, joins one in flight or queues
+//! for a slot, holds a waiter share ([`crate::shares`]) until its answer: at most
+//! [`MAX_WAITERS_PER_CONNECTION`] per connection, [`MAX_WAITERS_PER_UID`] per peer uid and
+//! [`MAX_WAITERS`] in all. So calls waiting on a slow or hostile backend can never hold the
+//! server's open-call slots that Status and cached Decrypts (which never wait) need, and one
+//! uid cannot take another's waiting room.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -25,6 +32,7 @@ use tokio::sync::{Semaphore, watch};
 
 use super::secret::Kek;
 use crate::backend::{BackendError, ErrorKind};
+use crate::shares::{Peer, Shares};
 
 const REF_DOMAIN: &[u8] = b"kms-plugin/kek-ref/v1\0";
 
@@ -59,6 +67,9 @@ pub enum Miss {
     Backend(BackendError),
     /// Too many distinct unwraps queued locally; retry later.
     Busy,
+    /// The caller's peer (its connection, its uid) or all peers together have as many calls
+    /// waiting on unwraps as they may; retry later.
+    Shares(crate::shares::Limit),
 }
 
 struct Entry {
@@ -82,6 +93,12 @@ pub const MAX_INFLIGHT: usize = 64;
 pub const MAX_WAITING: usize = 512;
 /// Longest a miss waits for an unwrap slot (the apiserver's own deadline is 3 s by default).
 pub const MAX_WAIT: Duration = Duration::from_secs(5);
+/// Calls waiting on an unwrap (started, joined or queued) at once, in all, per peer uid, and per
+/// connection. A connection has at most 100 calls open (the server's stream limit), the
+/// apiserver one connection; the total stays well below the server's open-call limit.
+pub const MAX_WAITERS: usize = 1024;
+pub const MAX_WAITERS_PER_UID: usize = 384;
+pub const MAX_WAITERS_PER_CONNECTION: usize = 64;
 /// How long a refused wrapped KEK is remembered.
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(10);
 /// How many refused wrapped KEKs are remembered.
@@ -118,7 +135,7 @@ pub struct CacheStats {
     pub evictions: Counter,
     /// Decrypts answered from a remembered refusal, without a backend call.
     pub refused_hits: Counter,
-    /// Misses refused because the unwrap queue was full.
+    /// Misses refused because the unwrap queue, or the caller's waiter share, was full.
     pub busy: Counter,
 }
 
@@ -128,6 +145,8 @@ pub struct KekCache {
     /// Unwrap slots (MAX_INFLIGHT); a fetch task holds one until its backend call ends.
     slots: Arc<Semaphore>,
     waiting: AtomicUsize,
+    /// Waiter shares of the peers whose calls missed the cache.
+    waiters: Arc<Shares>,
     pub stats: CacheStats,
 }
 
@@ -142,6 +161,7 @@ impl KekCache {
             }),
             slots: Arc::new(Semaphore::new(MAX_INFLIGHT)),
             waiting: AtomicUsize::new(0),
+            waiters: Shares::new(MAX_WAITERS, MAX_WAITERS_PER_UID, MAX_WAITERS_PER_CONNECTION),
             stats: CacheStats::default(),
         })
     }
@@ -198,11 +218,13 @@ impl KekCache {
 
     /// Returns the cached KEK, or runs `fetch` once for all concurrent callers asking for the
     /// same `kek_ref`. The fetch runs in its own task, so a caller that gives up (apiserver
-    /// timeout) does not cancel the unwrap the others are waiting for.
+    /// timeout) does not cancel the unwrap the others are waiting for. A caller that must wait
+    /// needs a waiter share of `peer` (None: an in-process caller, not limited).
     pub async fn get_or_fetch<F, Fut>(
         self: &Arc<Self>,
         kek_ref: KekRef,
         key_id: &str,
+        peer: Option<Peer>,
         fetch: F,
     ) -> Result<Arc<Kek>, Miss>
     where
@@ -210,6 +232,7 @@ impl KekCache {
         Fut: Future<Output = Result<Kek, BackendError>> + Send + 'static,
     {
         let mut slot = None;
+        let mut share = None;
         let mut rx = loop {
             {
                 let mut inner = self.lock();
@@ -223,6 +246,18 @@ impl KekCache {
                         return Err(Miss::Backend(e.clone()));
                     }
                     inner.refused.pop(&kek_ref);
+                }
+                // From here on the call waits: it needs its peer's share (held to the end).
+                if share.is_none()
+                    && let Some(peer) = peer
+                {
+                    match self.waiters.try_take(peer) {
+                        Ok(s) => share = Some(s),
+                        Err(limit) => {
+                            self.stats.busy.inc();
+                            return Err(Miss::Shares(limit));
+                        }
+                    }
                 }
                 if let Some(rx) = inner.inflight.get(&kek_ref) {
                     self.stats.coalesced.inc();
@@ -238,7 +273,9 @@ impl KekCache {
             // caller may have fetched this very KEK meanwhile).
             slot = Some(self.wait_for_slot().await?);
         };
-        match rx.wait_for(Option::is_some).await {
+        let outcome = rx.wait_for(Option::is_some).await;
+        drop(share);
+        match outcome {
             Ok(outcome) => outcome.clone().expect("checked is_some").map_err(Miss::Backend),
             Err(_) => Err(Miss::Backend(BackendError::new(
                 ErrorKind::Transient,
@@ -344,7 +381,7 @@ mod tests {
             let (cache, calls) = (Arc::clone(&cache), Arc::clone(&calls));
             tasks.push(tokio::spawn(async move {
                 cache
-                    .get_or_fetch(r, "k", || async move {
+                    .get_or_fetch(r, "k", None, || async move {
                         calls.fetch_add(1, Relaxed);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         Ok(kek(9))
@@ -366,7 +403,7 @@ mod tests {
         let cache = KekCache::new(NonZeroUsize::new(4).unwrap());
         let r = KekRef::new("k", b"w");
         let e = cache
-            .get_or_fetch(r, "k", || async {
+            .get_or_fetch(r, "k", None, || async {
                 Err(BackendError::new(ErrorKind::Transient, "down"))
             })
             .await
@@ -380,7 +417,7 @@ mod tests {
             })
         ));
         assert!(cache.is_empty());
-        assert!(cache.get_or_fetch(r, "k", || async { Ok(kek(1)) }).await.is_ok());
+        assert!(cache.get_or_fetch(r, "k", None, || async { Ok(kek(1)) }).await.is_ok());
         assert_eq!(cache.len(), 1);
     }
 
@@ -396,7 +433,7 @@ mod tests {
         assert_eq!(cache.len(), 1);
         // The evicted entry is fetched again; the kept one is a hit.
         let got = cache
-            .get_or_fetch(KekRef::new("b", &[2]), "b", || async { panic!("must hit") })
+            .get_or_fetch(KekRef::new("b", &[2]), "b", None, || async { panic!("must hit") })
             .await
             .unwrap();
         assert_eq!(got.expose()[0], 2);
@@ -416,7 +453,7 @@ mod tests {
         for _ in 0..500 {
             let calls = Arc::clone(&calls);
             let e = cache
-                .get_or_fetch(r, "k", || async move {
+                .get_or_fetch(r, "k", None, || async move {
                     calls.fetch_add(1, Relaxed);
                     Err(BackendError::new(ErrorKind::BadWrappedKey, "no"))
                 })
@@ -438,7 +475,7 @@ mod tests {
         for _ in 0..2 {
             let calls = Arc::clone(&calls);
             let _ = cache
-                .get_or_fetch(r, "k", || async move {
+                .get_or_fetch(r, "k", None, || async move {
                     calls.fetch_add(1, Relaxed);
                     Err(BackendError::new(ErrorKind::Transient, "down"))
                 })
@@ -457,7 +494,7 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 let r = KekRef::new("k", &i.to_be_bytes());
                 cache
-                    .get_or_fetch(r, "k", || async move {
+                    .get_or_fetch(r, "k", None, || async move {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         Ok(kek(i as u8))
                     })
@@ -482,7 +519,7 @@ mod tests {
             let cache = Arc::clone(&cache);
             tasks.push(tokio::spawn(async move {
                 let r = KekRef::new("k", &i.to_be_bytes());
-                let _ = cache.get_or_fetch(r, "k", std::future::pending).await;
+                let _ = cache.get_or_fetch(r, "k", None, std::future::pending).await;
             }));
         }
         while cache.waiting.load(Relaxed) < MAX_WAITING {
@@ -490,7 +527,11 @@ mod tests {
         }
         let r = KekRef::new("k", b"one more");
         let started = std::time::Instant::now();
-        let e = cache.get_or_fetch(r, "k", std::future::pending).await.err().unwrap();
+        let e = cache
+            .get_or_fetch(r, "k", None, std::future::pending)
+            .await
+            .err()
+            .unwrap();
         assert!(matches!(e, Miss::Busy), "{e:?}");
         assert!(started.elapsed() < Duration::from_secs(1));
         assert_eq!(cache.stats.busy.get(), 1);
@@ -507,7 +548,7 @@ mod tests {
             let cache = Arc::clone(&cache);
             busy.push(tokio::spawn(async move {
                 let _ = cache
-                    .get_or_fetch(KekRef::new("k", &i.to_be_bytes()), "k", std::future::pending)
+                    .get_or_fetch(KekRef::new("k", &i.to_be_bytes()), "k", None, std::future::pending)
                     .await;
             }));
         }
@@ -517,7 +558,7 @@ mod tests {
         // Twice the queue's size of waiters that give up (the apiserver's deadline).
         for i in 0..(2 * MAX_WAITING) {
             let r = KekRef::new("w", &i.to_be_bytes());
-            let wait = cache.get_or_fetch(r, "w", std::future::pending);
+            let wait = cache.get_or_fetch(r, "w", None, std::future::pending);
             assert!(tokio::time::timeout(Duration::from_millis(1), wait).await.is_err());
         }
         assert_eq!(cache.waiting.load(Relaxed), 0);

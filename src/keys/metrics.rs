@@ -197,7 +197,7 @@ pub fn register(keys: &Arc<Keys>, registry: &mut Registry) {
     );
     registry.register(
         "unwrap_queue_full",
-        "Decrypts refused (ResourceExhausted) because too many distinct unwraps were queued",
+        "Decrypts refused (ResourceExhausted) because too many distinct unwraps were queued, or the caller's connection, uid or all callers had as many calls waiting on unwraps as they may",
         stats.busy,
     );
     registry.register_collector(Box::new(KeysCollector(Arc::clone(keys))));

@@ -61,6 +61,14 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// Who is on the other end, for per-peer shares.
+    pub fn peer(&self) -> crate::shares::Peer {
+        crate::shares::Peer {
+            uid: self.uid,
+            conn: self.id,
+        }
+    }
+
     /// Marks a call in progress until the returned guard drops.
     pub fn begin_call(self: &Arc<Self>) -> CallGuard {
         self.calls.fetch_add(1, Relaxed);

@@ -1,8 +1,10 @@
 //! The tower layer at the edge of the gRPC server, around every call before it is routed:
 //!
 //! - admits at most [`MAX_OPEN_CALLS`] calls at once across all connections, whatever their
-//!   state; more are refused at once with `ResourceExhausted`. This is the hard bound on what
-//!   peers can make the process hold (about 14 KiB per open call, measured);
+//!   state, and at most [`MAX_OPEN_CALLS_PER_UID`] of one peer uid; more are refused at once
+//!   with `ResourceExhausted`. This is the hard bound on what peers can make the process hold
+//!   (about 14 KiB per open call, measured), and one uid's flood leaves the rest to the others.
+//!   The call carries its [`Peer`] on to the handlers, whose waiting has its own shares;
 //! - gives the request body [`BODY_TIMEOUT`] to arrive whole, and lets at most
 //!   [`MAX_WAITING_BODIES`] calls wait for the rest of their body past a short
 //!   [`BODY_GRACE`] (more are refused): stalled streams cannot take the open-call slots that
@@ -33,7 +35,9 @@ use tower::{Layer, Service};
 use tracing::warn;
 
 use super::connections::{CallGuard, Conn, ConnInfo};
+use crate::error::Error;
 use crate::service::{CallCounter, Handled, code_label};
+use crate::shares::{Peer, Shares};
 
 /// How long a request's body may take to arrive after its headers. The apiserver sends both
 /// at once.
@@ -44,6 +48,16 @@ pub const MAX_WAITING_BODIES: usize = 256;
 pub const BODY_GRACE: Duration = Duration::from_millis(100);
 /// Calls open at once, across all connections.
 pub const MAX_OPEN_CALLS: usize = 1536;
+/// Calls open at once from one peer uid: a third of the total, so it takes three uids (and
+/// root, or the socket's permissions, lets in only a few) to fill the server.
+pub const MAX_OPEN_CALLS_PER_UID: usize = MAX_OPEN_CALLS / 3;
+/// Calls open at once on one connection: above the server's stream limit, so never binding.
+const MAX_OPEN_CALLS_PER_CONNECTION: usize = 128;
+/// The peer of a call that came with no connection record (not served on the socket).
+const UNKNOWN_PEER: Peer = Peer {
+    uid: None,
+    conn: u64::MAX,
+};
 
 /// Builds [`Edge`] services.
 #[derive(Clone)]
@@ -51,7 +65,7 @@ pub struct EdgeLayer {
     counter: CallCounter,
     max_request_bytes: usize,
     waiting_bodies: Arc<tokio::sync::Semaphore>,
-    open_calls: Arc<tokio::sync::Semaphore>,
+    open_calls: Arc<Shares>,
     log_budget: Arc<LogBudget>,
 }
 
@@ -91,7 +105,7 @@ impl EdgeLayer {
             counter,
             max_request_bytes,
             waiting_bodies: Arc::new(tokio::sync::Semaphore::new(MAX_WAITING_BODIES)),
-            open_calls: Arc::new(tokio::sync::Semaphore::new(MAX_OPEN_CALLS)),
+            open_calls: Shares::new(MAX_OPEN_CALLS, MAX_OPEN_CALLS_PER_UID, MAX_OPEN_CALLS_PER_CONNECTION),
             log_budget: Arc::new(LogBudget::default()),
         }
     }
@@ -138,21 +152,26 @@ where
         let layer = self.layer.clone();
         Box::pin(async move {
             let method = method_name(request.uri().path());
-            let Ok(_open) = Arc::clone(&layer.open_calls).try_acquire_owned() else {
-                layer.counter.count(method, Code::ResourceExhausted);
-                if let Some(suppressed) = layer.log_budget.take() {
-                    warn!(
-                        method,
-                        max = MAX_OPEN_CALLS,
-                        suppressed,
-                        "too many calls open; call refused"
-                    );
+            let conn = request.extensions().get::<ConnInfo>().map(|c| Arc::clone(&c.0));
+            let peer = conn.as_ref().map_or(UNKNOWN_PEER, |c| c.peer());
+            let _open = match layer.open_calls.try_take(peer) {
+                Ok(share) => share,
+                Err(limit) => {
+                    layer.counter.count(method, Code::ResourceExhausted);
+                    if let Some(suppressed) = layer.log_budget.take() {
+                        warn!(
+                            method,
+                            uid = ?peer.uid,
+                            limit = limit.as_str(),
+                            suppressed,
+                            "too many calls open; call refused"
+                        );
+                    }
+                    return Ok(Error::PeerShare(limit).to_status().into_http());
                 }
-                return Ok(Status::resource_exhausted("too many calls open in the plugin; retry").into_http());
             };
             // Held until the response is ready; set when the request body is complete.
             let in_progress = Arc::new(OnceLock::new());
-            let conn = request.extensions().get::<ConnInfo>().map(|c| Arc::clone(&c.0));
             let request = request.map(|body| {
                 Body::new(RequestBody {
                     inner: body,
@@ -167,6 +186,7 @@ where
             let mut request = request;
             let handled = Handled::default();
             request.extensions_mut().insert(handled.clone());
+            request.extensions_mut().insert(peer);
             let mut response = inner.call(request).await?;
             drop(in_progress);
             let code = grpc_status(&response);

@@ -6,6 +6,7 @@ use crate::contract::{self, KEK_ANNOTATION, MAX_WRAPPED_KEK};
 use crate::error::Error;
 use crate::keys::Keys;
 use crate::proto::v2::{DecryptRequest, DecryptResponse};
+use crate::shares::Peer;
 
 /// The parts of a Decrypt request after the contract's checks.
 struct Checked<'a> {
@@ -37,10 +38,10 @@ fn check(request: &DecryptRequest) -> Result<Checked<'_>, Error> {
     })
 }
 
-pub async fn handle(keys: &Keys, request: &DecryptRequest) -> Result<DecryptResponse, Error> {
+pub async fn handle(keys: &Keys, request: &DecryptRequest, peer: Option<Peer>) -> Result<DecryptResponse, Error> {
     let checked = check(request)?;
     let plaintext = keys
-        .decrypt(checked.key_id, checked.wrapped_kek, checked.ciphertext)
+        .decrypt(checked.key_id, checked.wrapped_kek, checked.ciphertext, peer)
         .await?;
     Ok(DecryptResponse {
         plaintext: plaintext.into_wire().into(),

@@ -25,6 +25,7 @@ use crate::proto::v2::{
     DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
 };
 use crate::settings::ApiVersion;
+use crate::shares::Peer;
 
 /// Put into each request's extensions by the server's edge layer; a handler marks it when it
 /// runs, so the edge logs and counts only the calls refused before any handler (the handler
@@ -229,8 +230,10 @@ impl KeyManagementService for KmsService {
     async fn decrypt(&self, request: Request<DecryptRequest>) -> Result<Response<DecryptResponse>, Status> {
         let started = Instant::now();
         Handled::mark(&request);
+        // The server's edge layer says who is calling; their share bounds what they can wait on.
+        let peer = request.extensions().get::<Peer>().copied();
         let request = request.into_inner();
-        let result = decrypt::handle(&self.keys, &request).await;
+        let result = decrypt::handle(&self.keys, &request, peer).await;
         self.finish("Decrypt", &request.uid, &request.key_id, started, result)
     }
 }

@@ -26,6 +26,8 @@ enum Call {
     Status,
     Encrypt,
     Decrypt,
+    /// A Decrypt whose annotations were tampered with (see [`tamper`]); expected to fail.
+    Tampered,
 }
 
 struct GrpcWorker {
@@ -37,6 +39,24 @@ struct GrpcWorker {
     plaintext: Vec<u8>,
     id: usize,
     counter: u64,
+    /// Random per run, so tampered annotations are new to the target on every run.
+    run_nonce: u64,
+}
+
+/// The `round`-th tampered form of `request`: every annotation value's first bytes XORed with
+/// the round and the run's nonce. Every worker's k-th call makes the same one, so a round's
+/// calls all wait on one unwrap: a hostile peer's cheapest way to hold calls open.
+fn tamper(request: &DecryptRequest, round: u64, run_nonce: u64) -> DecryptRequest {
+    let mut r = request.clone();
+    let mask = (round ^ run_nonce).to_le_bytes();
+    for value in r.annotations.values_mut() {
+        let mut v = value.to_vec();
+        for (b, m) in v.iter_mut().zip(mask) {
+            *b ^= m;
+        }
+        *value = v.into();
+    }
+    r
 }
 
 pub fn code_name(status: &tonic::Status) -> String {
@@ -90,6 +110,14 @@ impl Worker for GrpcWorker {
                     return Err("Mismatch".into());
                 }
                 Ok(())
+            }
+            Call::Tampered => {
+                let mut request = tamper(&self.seeds[0].request, self.counter, self.run_nonce);
+                request.uid = uid;
+                match self.client.decrypt(request).await {
+                    Ok(_) => Err("TamperedAccepted".into()),
+                    Err(s) => Err(code_name(&s)),
+                }
             }
         }
     }
@@ -198,9 +226,10 @@ pub async fn run(args: &Args) -> Result<Report, String> {
         Scenario::Encrypt => vec![Call::Encrypt],
         Scenario::Decrypt => vec![Call::Decrypt],
         Scenario::Mixed => parse_mix(&args.mix)?,
+        Scenario::Tampered => vec![Call::Tampered],
         other => unreachable!("{} is not a gRPC scenario", other.name()),
     };
-    let needs_seeds = plan.iter().any(|c| matches!(c, Call::Decrypt));
+    let needs_seeds = plan.iter().any(|c| matches!(c, Call::Decrypt | Call::Tampered));
     let n_seeds = if needs_seeds {
         args.seeds.unwrap_or(16).max(1)
     } else {
@@ -208,6 +237,7 @@ pub async fn run(args: &Args) -> Result<Report, String> {
     };
     let seeds = Arc::new(make_seeds(&mut clients[0], n_seeds, args.plaintext_bytes).await?);
     let plan: Arc<[Call]> = plan.into();
+    let run_nonce = u64::from_le_bytes(random_bytes(8).try_into().expect("8 bytes"));
     let workers: Vec<GrpcWorker> = (0..args.concurrency)
         .map(|id| GrpcWorker {
             client: clients[id % clients.len()].clone(),
@@ -217,6 +247,7 @@ pub async fn run(args: &Args) -> Result<Report, String> {
             plaintext: random_bytes(args.plaintext_bytes),
             id,
             counter: 0,
+            run_nonce,
         })
         .collect();
     let stop = match args.count {
@@ -250,5 +281,20 @@ mod tests {
         assert!(parse_mix("0:0:0").is_err());
         assert!(parse_mix("1:2").is_err());
         assert!(parse_mix("a:b:c").is_err());
+    }
+
+    #[test]
+    fn tampered_requests_differ_by_round_and_agree_across_workers() {
+        let request = DecryptRequest {
+            ciphertext: vec![1; 61].into(),
+            uid: String::new(),
+            key_id: "k".into(),
+            annotations: [("kek.example.dev".to_string(), vec![7u8; 60].into())].into(),
+        };
+        let value = |r: &DecryptRequest| r.annotations["kek.example.dev"].to_vec();
+        assert_ne!(value(&tamper(&request, 1, 9)), value(&request));
+        assert_ne!(value(&tamper(&request, 1, 9)), value(&tamper(&request, 2, 9)));
+        assert_eq!(value(&tamper(&request, 3, 9)), value(&tamper(&request, 3, 9)));
+        assert_eq!(tamper(&request, 3, 9).ciphertext, request.ciphertext);
     }
 }
