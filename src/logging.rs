@@ -98,6 +98,10 @@ pub struct KeyIdHash<'a>(pub &'a str);
 
 impl fmt::Display for KeyIdHash<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // No key_id (none known yet): `-`, never the hash of "" that looks like a real key.
+        if self.0.is_empty() {
+            return f.write_str("-");
+        }
         let d = digest::digest(&digest::SHA256, self.0.as_bytes());
         write!(f, "sha256:{}", hex::encode(d.as_ref()))
     }
