@@ -17,13 +17,20 @@
 //!
 //! The probe checks the current key's State: anything but Active (Deactivated, Compromised,
 //! Destroyed) is KeyUnusable and its cached KEKs are purged; a decrypt-only key that is
-//! Compromised or Destroyed is refused the same way. Authentication and permission failures are
-//! Denied; connection failures and timeouts a transient outage.
+//! Compromised or Destroyed is refused the same way.
+//!
+//! Only an authoritative answer revokes (answer.rs classifies each one): a well-formed refusal
+//! naming the key, or a well-formed State that is not Active. A Locate by name that finds no
+//! Active key is not authoritative by itself (an index, a permission filter or a fault can empty
+//! a list): it counts only when Get Attributes of the last current key then says that key is
+//! gone or not Active; else it is a transient outage, as is anything malformed. Locate asks for
+//! at most LOCATE_MAX_ITEMS keys, so one probe makes a bounded number of calls.
 //!
 //! Operations used: Locate, Get Attributes, Encrypt, Decrypt, protocol 1.4 (the first with
 //! authenticated-encryption additional data and tags in Encrypt/Decrypt); the server needs the
 //! symmetric key lifecycle and AES-GCM cryptographic operations.
 
+mod answer;
 pub mod ttlv;
 
 use std::collections::HashMap;
@@ -49,6 +56,9 @@ const ID_DOMAIN: &[u8] = b"kms-plugin/kmip-key-id/v1\0";
 const BLOB_VERSION: u8 = 1;
 const IV_LEN: usize = 12;
 const TAG_LEN: usize = 16;
+/// Maximum Items of a Locate by name: bounds the Get Attributes calls one probe makes (the
+/// candidates, plus one for the last current key).
+const LOCATE_MAX_ITEMS: usize = 16;
 
 mod op {
     pub const LOCATE: u32 = 0x08;
@@ -318,50 +328,10 @@ impl KmipBackend {
         message.encode(&mut bytes);
         wipe(message);
         let response = self.exchange(&bytes).await?;
-        let item = response
-            .child(tag::BATCH_ITEM)
-            .ok_or_else(|| BackendError::new(ErrorKind::Transient, "kmip: response without a batch item"))?;
-        // The answer must be to this request (a server out of step would otherwise hand one
-        // operation's result to another).
-        if let Some(answered) = item.child(tag::OPERATION).and_then(Item::as_enum)
-            && answered != operation
-        {
-            return Err(BackendError::new(
-                ErrorKind::Transient,
-                format!("kmip: asked for operation {operation:#04x}, answered {answered:#04x}"),
-            ));
-        }
-        let status = item.child(tag::RESULT_STATUS).and_then(Item::as_enum);
-        if status == Some(0) {
-            return Ok(item
-                .child(tag::RESPONSE_PAYLOAD)
-                .cloned()
-                .unwrap_or_else(|| Item::structure(tag::RESPONSE_PAYLOAD, Vec::new())));
-        }
-        let reason = item.child(tag::RESULT_REASON).and_then(Item::as_enum).unwrap_or(0);
-        let message: String = item
-            .child(tag::RESULT_MESSAGE)
-            .and_then(Item::as_text)
-            .unwrap_or("")
-            .chars()
-            .take(200)
-            .collect();
-        let kind = match reason {
-            // Authentication Not Successful, Permission Denied.
-            0x03 | 0x0C => ErrorKind::Denied,
-            // Item Not Found, Object Archived, Wrong Key Lifecycle State.
-            0x01 | 0x0D | 0x0F => ErrorKind::KeyUnusable,
-            // Cryptographic Failure: the blob does not authenticate.
-            0x0A if operation == op::DECRYPT => ErrorKind::BadWrappedKey,
-            _ => ErrorKind::Transient,
-        };
-        Err(BackendError::new(
-            kind,
-            format!("kmip operation {operation:#04x} refused (reason {reason:#x}): {message}"),
-        ))
+        answer::classify(operation, &response)
     }
 
-    /// State and Initial Date of `uid`.
+    /// State and Initial Date of `uid`, from a well-formed Get Attributes answer.
     async fn state(&self, uid: &str) -> Result<(u32, i64), BackendError> {
         let payload = self
             .operation(
@@ -373,27 +343,23 @@ impl KmipBackend {
                 ],
             )
             .await?;
-        let mut state = None;
-        let mut initial = 0;
-        for attr in payload.children(tag::ATTRIBUTE) {
-            let value = attr.child(tag::ATTRIBUTE_VALUE);
-            match attr.child(tag::ATTRIBUTE_NAME).and_then(Item::as_text) {
-                Some("State") => state = value.and_then(Item::as_enum),
-                Some("Initial Date") => initial = value.and_then(Item::as_datetime).unwrap_or(0),
-                _ => {}
-            }
-        }
-        let state =
-            state.ok_or_else(|| BackendError::new(ErrorKind::Transient, format!("kmip: no State for key {uid:?}")))?;
-        Ok((state, initial))
+        answer::attributes(&payload, uid)
     }
 
-    /// The Unique Identifier the settings' current key names now.
-    async fn resolve_current(&self) -> Result<String, BackendError> {
-        let name = match &self.current_ref {
-            CurrentRef::Uid(uid) => return Ok(uid.clone()),
-            CurrentRef::Name(name) => name,
-        };
+    /// The current key: its Unique Identifier, State and Initial Date.
+    async fn resolve_current(&self) -> Result<(String, u32, i64), BackendError> {
+        match &self.current_ref {
+            CurrentRef::Uid(uid) => {
+                let (state, initial) = self.state(uid).await?;
+                Ok((uid.clone(), state, initial))
+            }
+            CurrentRef::Name(name) => self.locate_current(name).await,
+        }
+    }
+
+    /// The newest Active AES-256 key named `name`, in at most [`LOCATE_MAX_ITEMS`] + 1 Get
+    /// Attributes calls.
+    async fn locate_current(&self, name: &str) -> Result<(String, u32, i64), BackendError> {
         let attribute = |name: &str, value: Value| {
             Item::structure(
                 tag::ATTRIBUTE,
@@ -403,15 +369,22 @@ impl KmipBackend {
                 ],
             )
         };
-        // Only an AES-256 symmetric key counts: another object that merely carries the name
-        // (a certificate, a secret, a short key someone could create) can never become root.
+        // Only an Active AES-256 symmetric key counts: another object that merely carries the
+        // name (a certificate, a secret, a short key someone could create) never becomes root.
+        // The filters also make every match a real candidate, so Maximum Items only bites with
+        // more than LOCATE_MAX_ITEMS Active keys of the name at once. KMIP 1.4 defines no order
+        // for the answer (PyKMIP sends the newest Initial Date first); the Initial Dates of the
+        // candidates decide, so within the bound the newest Active key still wins.
         let payload = self
             .operation(
                 op::LOCATE,
                 vec![
+                    // Maximum Items comes before the attributes in a Locate request.
+                    Item::new(tag::MAXIMUM_ITEMS, Value::Integer(LOCATE_MAX_ITEMS as i32)),
                     attribute("Object Type", Value::Enumeration(2)),
                     attribute("Cryptographic Algorithm", Value::Enumeration(3)),
                     attribute("Cryptographic Length", Value::Integer(256)),
+                    attribute("State", Value::Enumeration(STATE_ACTIVE)),
                     Item::structure(
                         tag::ATTRIBUTE,
                         vec![
@@ -419,7 +392,7 @@ impl KmipBackend {
                             Item::structure(
                                 tag::ATTRIBUTE_VALUE,
                                 vec![
-                                    Item::new(tag::NAME_VALUE, Value::Text(name.clone())),
+                                    Item::new(tag::NAME_VALUE, Value::Text(name.to_string())),
                                     Item::new(tag::NAME_TYPE, Value::Enumeration(1)),
                                 ],
                             ),
@@ -428,38 +401,69 @@ impl KmipBackend {
                 ],
             )
             .await?;
-        let uids: Vec<String> = payload
-            .children(tag::UNIQUE_IDENTIFIER)
-            .filter_map(Item::as_text)
-            .map(str::to_string)
-            .collect();
+        let uids = answer::located(&payload, LOCATE_MAX_ITEMS)?;
+        if uids.len() == LOCATE_MAX_ITEMS {
+            tracing::warn!(
+                name,
+                max_items = LOCATE_MAX_ITEMS,
+                "kmip: so many Active keys carry the name that only some are compared; deactivate old ones"
+            );
+        }
         // Several keys may carry the name during a rotation: the newest Active one is current.
-        let mut best: Option<(i64, String)> = None;
-        let mut seen_states = Vec::new();
-        for uid in uids {
-            let (state, initial) = self.state(&uid).await?;
-            seen_states.push(state);
-            if state == STATE_ACTIVE && best.as_ref().is_none_or(|(t, u)| (initial, &uid) > (*t, u)) {
+        let mut best: Option<(i64, &str)> = None;
+        let mut seen = Vec::with_capacity(uids.len());
+        for &uid in &uids {
+            let (state, initial) = match self.state(uid).await {
+                Ok(found) => found,
+                // A candidate gone since the Locate says nothing about the current key.
+                Err(e) if e.kind == ErrorKind::KeyUnusable => continue,
+                Err(e) => return Err(e),
+            };
+            seen.push((uid, state));
+            if state == STATE_ACTIVE && best.is_none_or(|(t, u)| (initial, uid) > (t, u)) {
                 best = Some((initial, uid));
             }
         }
-        best.map(|(_, uid)| uid).ok_or_else(|| {
-            BackendError::new(
-                ErrorKind::KeyUnusable,
+        if let Some((initial, uid)) = best {
+            return Ok((uid.to_string(), STATE_ACTIVE, initial));
+        }
+        // No Active key under the name is authoritative only once the last current key itself
+        // is gone or not Active; until then the empty answer is a fault of the server's.
+        let last = self
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|(_, uid)| uid.clone());
+        let Some(last) = last else {
+            return Err(BackendError::new(
+                ErrorKind::Transient,
                 format!(
-                    "kmip: no Active AES-256 symmetric key named {name:?} ({} found{})",
-                    seen_states.len(),
-                    if seen_states.is_empty() {
-                        String::new()
-                    } else {
-                        format!(
-                            ", states {:?}",
-                            seen_states.iter().map(|s| state_name(*s)).collect::<Vec<_>>()
-                        )
-                    }
+                    "kmip: the server found no Active AES-256 key named {name:?} ({} candidates): ambiguous, not treated as revocation",
+                    uids.len()
                 ),
-            )
-        })
+            ));
+        };
+        let state = match seen.iter().find(|(uid, _)| *uid == last) {
+            Some(&(_, state)) => state,
+            // Item Not Found for the last current key is authoritative: it is gone.
+            None => self.state(&last).await?.0,
+        };
+        if state == STATE_ACTIVE {
+            return Err(BackendError::new(
+                ErrorKind::Transient,
+                format!(
+                    "kmip: the server found no Active AES-256 key named {name:?}, yet the current key {last:?} is Active: ambiguous, not treated as revocation"
+                ),
+            ));
+        }
+        Err(BackendError::new(
+            ErrorKind::KeyUnusable,
+            format!(
+                "kmip: the current key {last:?} is {} and no Active AES-256 key is named {name:?}",
+                state_name(state)
+            ),
+        ))
     }
 
     async fn encrypt(&self, uid: &str, data: &[u8], iv: &[u8], aad: &[u8]) -> Result<(Vec<u8>, Vec<u8>), BackendError> {
@@ -478,6 +482,7 @@ impl KmipBackend {
                 ],
             )
             .await?;
+        answer::check_uid(&payload, uid, op::ENCRYPT)?;
         let ct = payload.child(tag::DATA).and_then(Item::as_bytes);
         let auth = payload
             .child(tag::AUTHENTICATED_ENCRYPTION_TAG)
@@ -559,8 +564,7 @@ impl Backend for KmipBackend {
     }
 
     async fn probe(&self) -> Result<String, BackendError> {
-        let uid = self.resolve_current().await?;
-        let (state, initial) = self.state(&uid).await?;
+        let (uid, state, initial) = self.resolve_current().await?;
         if state != STATE_ACTIVE {
             return Err(BackendError::new(
                 ErrorKind::KeyUnusable,
@@ -663,7 +667,7 @@ impl Backend for KmipBackend {
             .operation(
                 op::DECRYPT,
                 vec![
-                    Item::new(tag::UNIQUE_IDENTIFIER, Value::Text(uid)),
+                    Item::new(tag::UNIQUE_IDENTIFIER, Value::Text(uid.clone())),
                     gcm_parameters(),
                     Item::new(tag::DATA, Value::Bytes(ct.to_vec())),
                     Item::new(tag::IV_COUNTER_NONCE, Value::Bytes(iv.to_vec())),
@@ -675,12 +679,7 @@ impl Backend for KmipBackend {
                 ],
             )
             .await?;
-        let plain = payload
-            .child(tag::DATA)
-            .and_then(Item::as_bytes)
-            .ok_or_else(|| BackendError::new(ErrorKind::Transient, "kmip Decrypt: answer without data"))?;
-        let kek = Kek::from_bytes(plain)
-            .ok_or_else(|| BackendError::new(ErrorKind::BadWrappedKey, "kmip: unwrapped KEK has the wrong length"));
+        let kek = answer::kek(&payload, &uid);
         wipe(payload);
         kek
     }

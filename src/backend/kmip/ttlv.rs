@@ -18,6 +18,7 @@ pub mod tag {
     pub const CRYPTOGRAPHIC_ALGORITHM: u32 = 0x420028;
     pub const CRYPTOGRAPHIC_PARAMETERS: u32 = 0x42002B;
     pub const IV_COUNTER_NONCE: u32 = 0x42003D;
+    pub const MAXIMUM_ITEMS: u32 = 0x42004F;
     pub const NAME: u32 = 0x420053;
     pub const NAME_TYPE: u32 = 0x420054;
     pub const NAME_VALUE: u32 = 0x420055;
