@@ -12,6 +12,7 @@ mod hierarchy;
 mod hostile_vault;
 mod inventory;
 mod kmip;
+mod kmip_answers;
 mod ops;
 mod pkcs11;
 mod protocol;

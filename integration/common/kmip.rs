@@ -132,15 +132,19 @@ impl Kmip {
 
     /// A plugin config for this server with `key_name` current.
     pub fn config(&self, dir: &Dir, key_name: &str, backend_extra: &str, extra: &str) -> PathBuf {
-        dir.write_config(&format!(
-            "{extra}\n[socket]\npath = {:?}\n[backend]\ntype = \"kmip\"\naddress = \"127.0.0.1:{}\"\nca_file = {:?}\nclient_cert_file = {:?}\nclient_key_file = {:?}\nkey_name = {key_name:?}\n{backend_extra}\n",
-            dir.socket(),
-            self.port,
-            self.pki.ca.display().to_string(),
-            self.pki.client_cert.display().to_string(),
-            self.pki.client_key.display().to_string(),
-        ))
+        config_for(dir, self.port, &self.pki, key_name, backend_extra, extra)
     }
+}
+
+/// A plugin config for the KMIP server on 127.0.0.1:`port` whose certificates are in `pki`.
+pub fn config_for(dir: &Dir, port: u16, pki: &Pki, key_name: &str, backend_extra: &str, extra: &str) -> PathBuf {
+    dir.write_config(&format!(
+        "{extra}\n[socket]\npath = {:?}\n[backend]\ntype = \"kmip\"\naddress = \"127.0.0.1:{port}\"\nca_file = {:?}\nclient_cert_file = {:?}\nclient_key_file = {:?}\nkey_name = {key_name:?}\n{backend_extra}\n",
+        dir.socket(),
+        pki.ca.display().to_string(),
+        pki.client_cert.display().to_string(),
+        pki.client_key.display().to_string(),
+    ))
 }
 
 impl Drop for Kmip {

@@ -14,6 +14,7 @@ use kms_plugin::server::socket::SocketAddress;
 use ring::rand::{SecureRandom, SystemRandom};
 
 pub mod etcd;
+pub mod fake_kmip;
 pub mod fake_vault;
 pub mod kmip;
 pub mod leaks;
