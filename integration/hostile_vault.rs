@@ -223,3 +223,60 @@ async fn echoed_requests_never_reach_logs_or_check_output() {
         assert!(!logs.contains(kek.as_str()), "a KEK sent to encrypt reached the log");
     }
 }
+
+/// A backend output that passes every other check but would not fit a Decrypt request (3 KiB,
+/// over the 4 KiB request budget with the longest key_id) never becomes current: what Encrypt
+/// returns must always decrypt.
+#[tokio::test]
+async fn a_wrapped_kek_over_the_request_budget_never_becomes_current() {
+    let dir = Dir::new();
+    let vault = FakeVault::start(Mode::HugeCiphertext).await;
+    let plugin = Plugin::spawn(
+        &[
+            "serve",
+            "--config",
+            config(&dir, &vault, &token_auth(&dir)).to_str().unwrap(),
+        ],
+        &dir.socket(),
+    );
+    // Either the KEK was refused (the fix) or it became current (Status ok).
+    eventually("a first KEK attempt", || async {
+        if plugin.logs().contains("fit a Decrypt request") {
+            return true;
+        }
+        let Ok(mut c) = plugin.try_client().await else {
+            return false;
+        };
+        c.status(kms_plugin::proto::v2::StatusRequest {})
+            .await
+            .is_ok_and(|s| s.get_ref().healthz == "ok")
+    })
+    .await;
+    let mut c = plugin.client().await;
+    let seed = rand_bytes(32);
+    let sealed = c
+        .encrypt(kms_plugin::proto::v2::EncryptRequest {
+            plaintext: seed.clone().into(),
+            uid: "u".into(),
+        })
+        .await;
+    if let Ok(e) = sealed {
+        // Whatever Encrypt returns, Decrypt must open.
+        assert_eq!(decrypt(&mut c, e.get_ref()).await.unwrap(), seed);
+    }
+    let st = c.status(kms_plugin::proto::v2::StatusRequest {}).await;
+    assert!(st.as_ref().map_or(true, |s| s.get_ref().healthz != "ok"), "{st:?}");
+    assert!(plugin.logs().contains("fit a Decrypt request"), "{}", plugin.logs());
+    // A normal backend answer afterwards becomes current at the next attempt.
+    vault.set(Mode::Normal);
+    eventually("a KEK after the backend answers normally", || async {
+        let mut c = plugin.client().await;
+        c.status(kms_plugin::proto::v2::StatusRequest {})
+            .await
+            .is_ok_and(|s| s.get_ref().healthz == "ok")
+    })
+    .await;
+    let e = encrypt(&mut c, &seed).await;
+    assert_eq!(decrypt(&mut c, &e).await.unwrap(), seed);
+    plugin.stop().await;
+}

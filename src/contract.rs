@@ -6,7 +6,8 @@
 
 use std::collections::HashMap;
 
-pub use crate::keys::envelope::MAX_CIPHERTEXT;
+/// Longest ciphertext the apiserver accepts from Encrypt.
+pub const MAX_CIPHERTEXT: usize = 1024;
 
 /// The annotation that carries the wrapped local KEK. A fully-qualified key of this project.
 pub const KEK_ANNOTATION: &str = "kek.kms-plugin.dev";
@@ -14,8 +15,41 @@ pub const KEK_ANNOTATION: &str = "kek.kms-plugin.dev";
 pub const MAX_KEY_ID: usize = 1024;
 /// Largest sum of len(key) + len(value) over all annotations.
 pub const MAX_ANNOTATIONS: usize = 32 * 1024;
-/// Largest wrapped KEK the plugin makes or accepts (leaves room for the annotation key).
-pub const MAX_WRAPPED_KEK: usize = MAX_ANNOTATIONS - KEK_ANNOTATION.len();
+
+/// Largest request the server decodes (and response it encodes); a bigger one is refused with
+/// ResourceExhausted before it is buffered whole. The plugin's own limit, far below the
+/// apiserver's: the largest request it can legitimately get is a Decrypt of its own output.
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024;
+/// The `uid` the apiserver sends with each call is a UUID (36 bytes); the budget allows this.
+pub const MAX_UID: usize = 64;
+
+/// Largest wrapped KEK the plugin makes or accepts: what still fits in a Decrypt request of the
+/// longest ciphertext, uid and key_id under [`MAX_REQUEST_BYTES`]. A KEK is refused at creation
+/// above it (and above its backend's own bound), so every Encrypt's output can be decrypted.
+pub const MAX_WRAPPED_KEK: usize = MAX_REQUEST_BYTES - decrypt_request_len(MAX_KEY_ID, 0) - 2;
+
+// The budget holds for the worst case, and leaves every backend room (they make 60-260 bytes).
+const _: () = assert!(decrypt_request_len(MAX_KEY_ID, MAX_WRAPPED_KEK) <= MAX_REQUEST_BYTES);
+const _: () = assert!(MAX_WRAPPED_KEK >= 1024);
+
+/// Encoded size of a v2 DecryptRequest with the longest ciphertext and uid, a key_id of
+/// `key_id` bytes and the KEK annotation holding `wrapped` bytes (protobuf: one tag byte and a
+/// varint length per field; the annotation is one map entry).
+pub const fn decrypt_request_len(key_id: usize, wrapped: usize) -> usize {
+    let entry = field(KEK_ANNOTATION.len()) + field(wrapped);
+    field(MAX_CIPHERTEXT) + field(MAX_UID) + field(key_id) + field(entry)
+}
+
+/// A length-delimited field of `len` bytes: tag, varint length, bytes.
+const fn field(len: usize) -> usize {
+    let mut varint = 1;
+    let mut n = len >> 7;
+    while n > 0 {
+        varint += 1;
+        n >>= 7;
+    }
+    1 + varint + len
+}
 
 /// A key_id the apiserver will take: non-empty and at most 1024 bytes.
 pub fn check_key_id(key_id: &str) -> Result<(), String> {
@@ -101,12 +135,27 @@ mod tests {
     #[test]
     fn annotation_totals_and_key_ids() {
         let mut m = HashMap::new();
-        m.insert(KEK_ANNOTATION.to_string(), vec![0u8; MAX_WRAPPED_KEK]);
+        let fits = MAX_ANNOTATIONS - KEK_ANNOTATION.len();
+        m.insert(KEK_ANNOTATION.to_string(), vec![0u8; fits]);
         assert!(check_annotations(&m).is_ok());
-        m.insert(KEK_ANNOTATION.to_string(), vec![0u8; MAX_WRAPPED_KEK + 1]);
+        m.insert(KEK_ANNOTATION.to_string(), vec![0u8; fits + 1]);
         assert!(check_annotations(&m).is_err());
         assert!(check_key_id("").is_err());
         assert!(check_key_id(&"k".repeat(1024)).is_ok());
         assert!(check_key_id(&"k".repeat(1025)).is_err());
+    }
+
+    #[test]
+    fn the_largest_decrypt_request_fits_the_request_limit() {
+        use prost::Message;
+        let request = crate::proto::v2::DecryptRequest {
+            ciphertext: vec![1; MAX_CIPHERTEXT].into(),
+            uid: "u".repeat(MAX_UID),
+            key_id: "k".repeat(MAX_KEY_ID),
+            annotations: [(KEK_ANNOTATION.to_string(), vec![2u8; MAX_WRAPPED_KEK].into())].into(),
+        };
+        assert_eq!(request.encoded_len(), decrypt_request_len(MAX_KEY_ID, MAX_WRAPPED_KEK));
+        assert!(request.encoded_len() <= MAX_REQUEST_BYTES);
+        assert!(decrypt_request_len(MAX_KEY_ID, MAX_WRAPPED_KEK + 3) > MAX_REQUEST_BYTES);
     }
 }

@@ -159,7 +159,8 @@ impl Reloader {
             backend.probe().await.map_err(|e| format!("backend probe: {e}"))?;
             let kek = Kek::generate(&ring::rand::SystemRandom::new()).map_err(|_| "random number generator failed")?;
             let wrapped = backend.wrap(&kek).await.map_err(|e| format!("backend wrap: {e}"))?;
-            crate::keys::check_wrapped(&wrapped).map_err(|e| format!("backend wrap: {e}"))?;
+            crate::keys::check_wrapped(&wrapped, backend.max_wrapped_len())
+                .map_err(|e| format!("backend wrap: {e}"))?;
             let back = backend
                 .unwrap(&wrapped.key_id, &wrapped.blob)
                 .await

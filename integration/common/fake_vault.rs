@@ -38,6 +38,8 @@ pub enum Mode {
     Echo,
     /// Encrypt only: 400 whose error text is the request body, verbatim.
     EchoEncrypt,
+    /// Encrypt: a 3 KiB ciphertext (padded after a ':'), which decrypt still opens.
+    HugeCiphertext,
 }
 
 /// A running fake Vault on loopback.
@@ -191,7 +193,11 @@ fn answer(mode: Mode, method: &str, path: &str, body: &str) -> (u16, &'static st
         (_, "POST", "transit/encrypt/k") => {
             let v: Value = serde_json::from_str(body).unwrap_or_default();
             let plaintext = v["plaintext"].as_str().unwrap_or("");
-            (200, JSON, json!({"data": {"ciphertext": format!("vault:v1:{plaintext}")}}).to_string())
+            let padding = match mode {
+                Mode::HugeCiphertext => format!(":{}", "p".repeat(3 * 1024)),
+                _ => String::new(),
+            };
+            (200, JSON, json!({"data": {"ciphertext": format!("vault:v1:{plaintext}{padding}")}}).to_string())
         }
         (Mode::DecryptWrongLength, "POST", "transit/decrypt/k") => (
             200,
@@ -205,6 +211,7 @@ fn answer(mode: Mode, method: &str, path: &str, body: &str) -> (u16, &'static st
             let v: Value = serde_json::from_str(body).unwrap_or_default();
             let ciphertext = v["ciphertext"].as_str().unwrap_or("");
             let plaintext = ciphertext.strip_prefix("vault:v1:").unwrap_or("");
+            let plaintext = plaintext.split(':').next().unwrap_or("");
             (200, JSON, json!({"data": {"plaintext": plaintext}}).to_string())
         }
         _ => (404, JSON, json!({"errors": ["no handler for route"]}).to_string()),

@@ -13,8 +13,7 @@ use super::secret::{Kek, Plaintext};
 
 /// The only format this build writes and reads.
 pub const VERSION: u8 = 1;
-/// The apiserver refuses ciphertexts longer than this (contract §2).
-pub const MAX_CIPHERTEXT: usize = 1024;
+pub use crate::contract::MAX_CIPHERTEXT;
 /// Bytes the envelope adds to a plaintext.
 pub const OVERHEAD: usize = 1 + aead::OVERHEAD;
 /// Largest plaintext whose envelope the apiserver accepts.

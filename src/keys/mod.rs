@@ -428,7 +428,7 @@ impl Keys {
                 return Err(e.into());
             }
         };
-        check_wrapped(&wrapped)?;
+        check_wrapped(&wrapped, backend.max_wrapped_len())?;
         // The KEK must come back before anything is sealed under it: a server that ignored
         // the IV or the AAD, or answered for another key, would otherwise lose the data.
         let back = backend_call(
@@ -575,13 +575,23 @@ impl Keys {
     }
 }
 
-/// A wrapped KEK the apiserver will accept (its key_id and annotation size): one that would be
-/// refused must never become current.
-pub fn check_wrapped(wrapped: &Wrapped) -> Result<(), Error> {
+/// A wrapped KEK whose every Encrypt output can be decrypted: a key_id the apiserver accepts, and
+/// a blob within both the request budget ([`contract::MAX_WRAPPED_KEK`]) and `backend_max`, the
+/// most its backend takes back. One that fails must never become current.
+pub fn check_wrapped(wrapped: &Wrapped, backend_max: usize) -> Result<(), Error> {
     contract::check_key_id(&wrapped.key_id)
         .map_err(|why| BackendError::new(ErrorKind::KeyUnusable, format!("backend key_id unusable: {why}")))?;
-    if wrapped.blob.is_empty() || wrapped.blob.len() > contract::MAX_WRAPPED_KEK {
-        return Err(BackendError::new(ErrorKind::KeyUnusable, "wrapped KEK size out of bounds").into());
+    let max = backend_max.min(contract::MAX_WRAPPED_KEK);
+    if wrapped.blob.is_empty() || wrapped.blob.len() > max {
+        return Err(BackendError::new(
+            ErrorKind::KeyUnusable,
+            format!(
+                "backend made a wrapped KEK of {} bytes; at most {max} fit a Decrypt request ({} bytes) and this backend",
+                wrapped.blob.len(),
+                contract::MAX_REQUEST_BYTES
+            ),
+        )
+        .into());
     }
     Ok(())
 }

@@ -36,11 +36,7 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Largest request the server decodes; a bigger one is refused with ResourceExhausted before it
-/// is buffered whole. The largest request this plugin can legitimately get is a Decrypt of its
-/// own output: key_id (at most 1 KiB), a 61-byte ciphertext, and a wrapped KEK that no backend
-/// makes longer than a few hundred bytes: under 1.5 KiB in all.
-pub const MAX_REQUEST_BYTES: usize = 4 * 1024;
+pub use crate::contract::MAX_REQUEST_BYTES;
 /// Concurrent calls (HTTP/2 streams) a client may open on one connection; more wait in the
 /// client. The apiserver multiplexes every call on one connection. 100 is what grpc-go assumes
 /// before the server's SETTINGS arrive, so a burst on a new connection is never refused.
