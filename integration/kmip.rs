@@ -70,7 +70,12 @@ async fn kmip_a_new_key_under_the_name_is_a_rotation_without_a_restart() {
     std::thread::sleep(Duration::from_millis(1100));
     // A newer object with the name that is not an AES-256 key never becomes the root key.
     kmip.py("u = c.create(enums.CryptographicAlgorithm.AES, 128, name='kms-root', cryptographic_usage_mask=[enums.CryptographicUsageMask.ENCRYPT, enums.CryptographicUsageMask.DECRYPT])\nc.activate(u)");
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Two full probes after the newer object: each has looked at it and kept the old key.
+    let probes = plugin.backend_calls("probe").await;
+    eventually("two probes", || async {
+        plugin.backend_calls("probe").await >= probes + 2
+    })
+    .await;
     assert_eq!(status(&mut c).await.key_id, first, "an AES-128 key took over the name");
     std::thread::sleep(Duration::from_millis(1100));
     kmip.create_key("kms-root");

@@ -1,10 +1,11 @@
 //! The PKCS#11 backend end to end: the built plugin against a real SoftHSM2 token.
 
-use std::time::Duration;
-
 use tonic::Code;
 
-use crate::common::softhsm::SoftHsm;
+use crate::common::softhsm::{self, SoftHsm};
+
+/// OpenSC's PKCS#11 spy module (package opensc-pkcs11, installed with opensc).
+const SPY: &str = "/usr/lib/x86_64-linux-gnu/pkcs11-spy.so";
 use crate::common::*;
 use kms_plugin::proto::v2::StatusRequest;
 
@@ -90,8 +91,22 @@ async fn wrong_pin_is_reported_once_and_never_retried() {
     let wrong = dir.path("wrong-pin");
     std::fs::write(&wrong, "000000\n").unwrap();
     std::fs::set_permissions(&wrong, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    // OpenSC's PKCS#11 spy sits between the plugin and SoftHSM2 and logs every call the token
+    // gets: the count of C_Login is what the token saw, whatever the plugin logs.
     let config = hsm.config(&dir, "root-1", &[], &wrong, "[probe]\ninterval = \"50ms\"");
-    let env = hsm.env();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace(softhsm::MODULE, SPY)).unwrap();
+    let spy_log = dir.path("pkcs11-spy.log");
+    let mut env = hsm.env();
+    env.push(("PKCS11SPY", softhsm::MODULE.to_string()));
+    env.push(("PKCS11SPY_OUTPUT", spy_log.display().to_string()));
+    let logins = || {
+        std::fs::read_to_string(&spy_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.ends_with("C_Login"))
+            .count()
+    };
     let plugin = Plugin::spawn_env(&["serve", "--config", config.to_str().unwrap()], &dir.socket(), &env);
     // The plugin stays up (a supervisor restart loop would retry the PIN) and Status says why.
     assert!(plugin.wait_log("serving KMS v2").await, "{}", plugin.logs());
@@ -99,11 +114,15 @@ async fn wrong_pin_is_reported_once_and_never_retried() {
     let err = c.status(StatusRequest {}).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     // Many probe intervals later the token was still asked for the PIN only once.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    let probes = plugin.backend_calls("probe").await;
+    eventually("ten more probes", || async {
+        plugin.backend_calls("probe").await >= probes + 10
+    })
+    .await;
     assert_eq!(
-        plugin.logs().matches("rejected the PIN; not retrying").count(),
+        logins(),
         1,
-        "{}",
+        "C_Login calls the token got; plugin logs:\n{}",
         plugin.logs()
     );
     assert_eq!(
@@ -113,6 +132,7 @@ async fn wrong_pin_is_reported_once_and_never_retried() {
     // `check` reports it and exits non-zero.
     let out = hsm
         .cmd(BIN)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .args(["check", "--config", config.to_str().unwrap()])
         .output()
         .unwrap();
