@@ -1,4 +1,5 @@
-//! The plugin's one error type and its one mapping to gRPC status codes.
+//! The plugin's one error type and its one mapping to gRPC status codes: handlers, the edge
+//! layer and the codec all refuse through it.
 //!
 //! Messages sent to the apiserver name what was wrong with the request and never carry backend
 //! details, key material or request bytes; backend details go to the log only.
@@ -35,6 +36,19 @@ pub enum Error {
     /// as they may; the others are served. Local load, not an outage.
     #[error("too many calls of this {} waiting in the plugin; retry", .0.as_str())]
     PeerShare(crate::shares::Limit),
+    /// The request body did not arrive whole in time (a stalled or trickling stream).
+    #[error("request body not received within {} s", .0.as_secs())]
+    BodyTimeout(std::time::Duration),
+    /// Too many calls are waiting for the rest of their body; the others are served.
+    #[error("too many requests waiting for the rest of their body")]
+    BodiesWaiting,
+    /// The request is over the size limit (tonic reports `OutOfRange`; the gRPC spec's code
+    /// for a message over the receive limit is `ResourceExhausted`).
+    #[error("request larger than the {0}-byte limit")]
+    TooLarge(usize),
+    /// The request body is not a protobuf message of the method's type.
+    #[error("request is not a valid protobuf message: {0}")]
+    Protobuf(String),
     /// A local failure that is not the caller's fault (random number generator).
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -44,7 +58,7 @@ impl Error {
     /// The gRPC code for this error.
     pub fn code(&self) -> Code {
         match self {
-            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::InvalidArgument(_) | Error::Protobuf(_) => Code::InvalidArgument,
             Error::Envelope(EnvelopeError::Authentication) => Code::DataLoss,
             Error::Envelope(_) => Code::InvalidArgument,
             Error::UnknownKeyId => Code::NotFound,
@@ -56,7 +70,10 @@ impl Error {
                 ErrorKind::BadWrappedKey => Code::DataLoss,
             },
             Error::NotReady | Error::KekExhausted => Code::Unavailable,
-            Error::Overloaded | Error::PeerShare(_) => Code::ResourceExhausted,
+            Error::Overloaded | Error::PeerShare(_) | Error::BodiesWaiting | Error::TooLarge(_) => {
+                Code::ResourceExhausted
+            }
+            Error::BodyTimeout(_) => Code::DeadlineExceeded,
             Error::Internal(_) => Code::Internal,
         }
     }

@@ -191,10 +191,10 @@ where
             drop(in_progress);
             let code = grpc_status(&response);
             if code == Some(Code::OutOfRange) {
-                let msg = format!("request larger than the {}-byte limit", layer.max_request_bytes);
+                let status = Error::TooLarge(layer.max_request_bytes).to_status();
                 let headers = response.headers_mut();
-                headers.insert("grpc-status", HeaderValue::from(Code::ResourceExhausted as i32));
-                headers.insert("grpc-message", HeaderValue::try_from(msg).expect("ASCII"));
+                headers.insert("grpc-status", HeaderValue::from(status.code() as i32));
+                headers.insert("grpc-message", HeaderValue::try_from(status.message()).expect("ASCII"));
             }
             if !handled.ran()
                 && let Some(code) = grpc_status(&response).filter(|c| *c != Code::Ok)
@@ -295,25 +295,15 @@ impl HttpBody for RequestBody {
                     return Poll::Pending;
                 }
                 if this.slot.is_some() {
-                    return Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
-                        "request body not received within {} s",
-                        BODY_TIMEOUT.as_secs()
-                    )))));
+                    return Poll::Ready(Some(Err(Error::BodyTimeout(BODY_TIMEOUT).to_status())));
                 }
                 match Arc::clone(&this.waiting).try_acquire_owned() {
                     Ok(slot) => this.slot = Some(slot),
-                    Err(_) => {
-                        return Poll::Ready(Some(Err(Status::resource_exhausted(
-                            "too many requests waiting for the rest of their body",
-                        ))));
-                    }
+                    Err(_) => return Poll::Ready(Some(Err(Error::BodiesWaiting.to_status()))),
                 }
                 deadline.as_mut().reset((started + BODY_TIMEOUT).into());
                 match deadline.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
-                        "request body not received within {} s",
-                        BODY_TIMEOUT.as_secs()
-                    ))))),
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Error::BodyTimeout(BODY_TIMEOUT).to_status()))),
                     Poll::Pending => Poll::Pending,
                 }
             }

@@ -48,7 +48,7 @@ impl<U: prost::Message + Default> Decoder for StrictDecoder<U> {
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         U::decode(buf)
             .map(Some)
-            .map_err(|e| Status::invalid_argument(format!("request is not a valid protobuf message: {e}")))
+            .map_err(|e| crate::error::Error::Protobuf(e.to_string()).to_status())
     }
 
     fn buffer_settings(&self) -> BufferSettings {
