@@ -13,6 +13,7 @@ mod hostile_vault;
 mod inventory;
 mod kmip;
 mod kmip_answers;
+mod layering;
 mod ops;
 mod pkcs11;
 mod protocol;

@@ -7,7 +7,22 @@
 use tonic::{Code, Status};
 
 use crate::backend::{BackendError, ErrorKind};
-use crate::keys::envelope::EnvelopeError;
+use crate::contract::MAX_CIPHERTEXT;
+
+/// Why a ciphertext was refused (keys/envelope.rs checks them). Each maps to one gRPC status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("ciphertext is empty")]
+    Empty,
+    #[error("ciphertext of {len} bytes is not longer than the {overhead}-byte envelope")]
+    Truncated { len: usize, overhead: usize },
+    #[error("ciphertext of {0} bytes exceeds the {MAX_CIPHERTEXT}-byte limit")]
+    TooLong(usize),
+    #[error("unsupported envelope format version {0}")]
+    UnknownVersion(u8),
+    #[error("ciphertext failed authentication")]
+    Authentication,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -1,9 +1,18 @@
 //! A Kubernetes KMS v2 plugin with a local key hierarchy.
 //!
 //! Module map: `service` (the gRPC surface, one module per method) and `contract` (what the
-//! apiserver accepts); `keys` (the hierarchy: envelope format, KEK cache, rotation); `backend`
-//! (where root keys live); `server` (socket and shutdown), `settings`, `logging` (operations);
-//! `client` (a KMS v2 client for the CLI, tests and benchmarks).
+//! apiserver accepts); `keys` (the hierarchy: envelope format, KEK cache, rotation) over
+//! `secret` (key material and the AEAD); `backend` (where root keys live, one folder or file
+//! each); `server` (socket, edge limits and shutdown); `ops` (health, metrics, process
+//! hygiene); `settings`, `startup` and `reload` (configuration, and what the process runs with);
+//! `inventory` (what etcd holds); `client` (a KMS v2 client for the CLI, tests and benchmarks).
+//!
+//! Layers, bottom to top: a module imports only modules listed before it (integration/layering.rs
+//! fails otherwise, so no cycle can come back):
+//! `proto`, `contract`, `shares`, `secret`, `secret_file`, `parse`, `logging`,
+//! `backend`, `error`, `keys`, `service`, `server`, `client`, `ops`,
+//! `settings`, `startup`, `reload`, `inventory`
+//!
 #![forbid(unsafe_code)]
 
 pub mod backend;
@@ -14,12 +23,15 @@ pub mod inventory;
 pub mod keys;
 pub mod logging;
 pub mod ops;
+pub mod parse;
 pub mod reload;
+pub mod secret;
 pub mod secret_file;
 pub mod server;
 pub mod service;
 pub mod settings;
 pub mod shares;
+pub mod startup;
 
 /// Generated gRPC code for the KMS APIs in `proto/`.
 pub mod proto {
@@ -36,96 +48,13 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use backend::Backend;
 use keys::Keys;
 use logging::KeyIdHash;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
-use settings::{BackendSettings, Settings};
+use settings::Settings;
 
-/// Why the plugin could not start or stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    KeyFile(#[from] backend::local::KeyFileError),
-    #[error("backend: {0}")]
-    Backend(String),
-    #[error("{0}")]
-    Setup(String),
-    #[error(transparent)]
-    Socket(#[from] server::socket::SocketError),
-    #[error("socket.path: {0}")]
-    Address(String),
-    #[error("gRPC server: {0}")]
-    Serve(#[from] tonic::transport::Error),
-}
-
-/// Builds the configured backend (wrapped in the latency injector if a benchmark asks for it).
-pub async fn build_backend(settings: &Settings) -> Result<Arc<dyn Backend>, StartError> {
-    let backend: Arc<dyn Backend> = match &settings.backend {
-        BackendSettings::Local(local) => Arc::new(backend::local::LocalBackend::open(
-            &local.current_key_file,
-            &local.decrypt_only_key_files,
-        )?),
-        BackendSettings::Pkcs11(p) => {
-            let pin = match (&p.pin_file, &p.pin_env) {
-                (Some(file), _) => backend::pkcs11::PinSource::File(file.clone()),
-                (None, Some(var)) => backend::pkcs11::PinSource::Env(var.clone()),
-                (None, None) => return Err(StartError::Backend("pkcs11: no PIN source".into())),
-            };
-            let opts = backend::pkcs11::Pkcs11Options {
-                module: p.module.clone(),
-                token_label: p.token_label.clone(),
-                pin,
-                current_key_label: p.current_key_label.clone(),
-                decrypt_only_key_labels: p.decrypt_only_key_labels.clone(),
-                sessions: p.sessions,
-            };
-            match tokio::task::spawn_blocking(move || backend::pkcs11::Pkcs11Backend::open(&opts))
-                .await
-                .map_err(|e| StartError::Backend(e.to_string()))?
-            {
-                Ok(b) => Arc::new(b),
-                Err(e) if e.pin_rejected => {
-                    tracing::error!("pkcs11: the token rejected the PIN; not retrying. Fix the PIN and restart");
-                    let error =
-                        backend::BackendError::new(backend::ErrorKind::Denied, format!("pkcs11: {}", e.message));
-                    Arc::new(backend::refused::Refused::new("pkcs11", error))
-                }
-                Err(e) => return Err(StartError::Backend(format!("pkcs11: {}", e.message))),
-            }
-        }
-        BackendSettings::Aws(a) => {
-            let opts = backend::aws::AwsOptions {
-                key: a.key.clone(),
-                decrypt_only_keys: a.decrypt_only_keys.clone(),
-                region: a.region.clone(),
-                endpoint: a.endpoint.clone(),
-                encryption_context: a.encryption_context.clone(),
-                call_timeout: a.call_timeout,
-                attempt_timeout: a.attempt_timeout,
-                max_attempts: a.max_attempts,
-            };
-            Arc::new(
-                backend::aws::AwsBackend::connect(&opts)
-                    .await
-                    .map_err(StartError::Backend)?,
-            )
-        }
-        BackendSettings::Vault(v) => Arc::new(backend::vault::VaultBackend::new(v).map_err(StartError::Backend)?),
-        BackendSettings::Kmip(k) => Arc::new(backend::kmip::KmipBackend::new(k).map_err(StartError::Backend)?),
-    };
-    Ok(match settings.bench.backend_latency {
-        Some(latency) => {
-            warn!(
-                latency_ms = latency.as_millis() as u64,
-                "bench.backend_latency is set: every backend call is delayed"
-            );
-            Arc::new(backend::delay::Delayed::new(backend, latency))
-        }
-        None => backend,
-    })
-}
+pub use startup::{StartError, build_backend};
 
 /// Runs the plugin until `shutdown` resolves: makes the first local KEK, binds the socket,
 /// serves, then drains, removes the socket and drops (wipes) every key. With `config` (the

@@ -19,7 +19,7 @@ pub enum LogFormat {
 
 impl<'de> Deserialize<'de> for LogFormat {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        crate::settings::one_of(d, &[("text", Self::Text), ("json", Self::Json)])
+        crate::parse::one_of(d, &[("text", Self::Text), ("json", Self::Json)])
     }
 }
 

@@ -17,7 +17,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -147,7 +147,7 @@ impl Reloader {
         // What was loaded, taken now: a change while the backend is built is noticed next time.
         let loaded = fingerprint(&self.path, &new);
         fixed_fields_unchanged(&self.settings, &new)?;
-        let backend = tokio::time::timeout(crate::keys::BACKEND_CALL_TIMEOUT, crate::build_backend(&new))
+        let backend = tokio::time::timeout(crate::keys::BACKEND_CALL_TIMEOUT, crate::startup::build_backend(&new))
             .await
             .map_err(|_| "building the backend timed out".to_string())?
             .map_err(|e| e.to_string())?;
@@ -279,9 +279,4 @@ fn read_bounded(path: &Path) -> std::io::Result<zeroize::Zeroizing<Vec<u8>>> {
     let mut buf = zeroize::Zeroizing::new(Vec::new());
     file.take(1 << 20).read_to_end(&mut buf)?;
     Ok(buf)
-}
-
-/// Default `reload.interval`.
-pub fn default_interval() -> Duration {
-    Duration::from_secs(10)
 }

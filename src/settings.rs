@@ -102,7 +102,7 @@ pub struct ReloadSettings {
 impl Default for ReloadSettings {
     fn default() -> Self {
         Self {
-            interval: crate::reload::default_interval(),
+            interval: default_reload_interval(),
         }
     }
 }
@@ -310,41 +310,7 @@ pub struct StatusSettings {
     pub version: ApiVersion,
 }
 
-/// The version string in StatusResponse: "v2" (Kubernetes 1.29+) or "v2beta1" (1.27–1.28).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum ApiVersion {
-    #[default]
-    V2,
-    V2beta1,
-}
-
-impl<'de> Deserialize<'de> for ApiVersion {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        one_of(d, &[("v2", Self::V2), ("v2beta1", Self::V2beta1)])
-    }
-}
-
-/// A string setting with a fixed set of values; the error lists them.
-pub(crate) fn one_of<'de, D: Deserializer<'de>, T: Copy>(d: D, options: &[(&str, T)]) -> Result<T, D::Error> {
-    let s = String::deserialize(d)?;
-    options
-        .iter()
-        .find(|(name, _)| *name == s)
-        .map(|(_, v)| *v)
-        .ok_or_else(|| {
-            let valid: Vec<&str> = options.iter().map(|(name, _)| *name).collect();
-            serde::de::Error::custom(format!("{s:?} is not one of: {}", valid.join(", ")))
-        })
-}
-
-impl ApiVersion {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ApiVersion::V2 => "v2",
-            ApiVersion::V2beta1 => "v2beta1",
-        }
-    }
-}
+pub use crate::service::ApiVersion;
 
 /// Log level and format.
 #[derive(Debug, Clone, Deserialize)]
@@ -380,15 +346,16 @@ fn log_level<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     Ok(s)
 }
 
+/// Default `reload.interval`.
+pub fn default_reload_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
 fn default_grace() -> Duration {
     Duration::from_secs(10)
 }
 
-/// A humantime duration ("30s", "7d").
-pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
-}
+use crate::parse::duration;
 
 fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     duration(d).map(Some)

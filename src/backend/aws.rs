@@ -24,7 +24,7 @@ use aws_sdk_kms::types::KeyState;
 use zeroize::Zeroizing;
 
 use super::{Backend, BackendError, ErrorKind, Wrapped};
-use crate::keys::Kek;
+use crate::secret::Kek;
 
 /// Settings for [`AwsBackend::connect`].
 #[derive(Debug, Clone)]

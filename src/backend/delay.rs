@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{Backend, BackendError, Wrapped};
-use crate::keys::Kek;
+use crate::secret::Kek;
 
 /// Delays `probe`, `wrap` and `unwrap` of the inner backend by a fixed latency.
 pub struct Delayed {

@@ -16,8 +16,8 @@ use ring::digest;
 use ring::rand::SystemRandom;
 
 use super::{Backend, BackendError, ErrorKind, Wrapped};
-use crate::keys::aead;
-use crate::keys::{KEY_LEN, Kek};
+use crate::secret::aead;
+use crate::secret::{KEY_LEN, Kek};
 
 const KEY_ID_DOMAIN: &[u8] = b"kms-plugin/local-root-key-id/v1\0";
 const WRAP_AAD_DOMAIN: &[u8] = b"kms-plugin/local-wrap/v1\0";
@@ -159,7 +159,7 @@ impl Backend for LocalBackend {
     }
 
     fn max_wrapped_len(&self) -> usize {
-        crate::keys::aead::OVERHEAD + KEY_LEN
+        crate::secret::aead::OVERHEAD + KEY_LEN
     }
 
     async fn unwrap(&self, key_id: &str, blob: &[u8]) -> Result<Kek, BackendError> {

@@ -15,7 +15,7 @@ pub mod vault;
 
 use async_trait::async_trait;
 
-use crate::keys::Kek;
+use crate::secret::Kek;
 
 /// A wrapped local KEK and the root key_id it was wrapped under.
 pub struct Wrapped {

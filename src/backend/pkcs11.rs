@@ -34,7 +34,7 @@ use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
 use super::{Backend, BackendError, ErrorKind, Wrapped};
-use crate::keys::{KEY_LEN, Kek};
+use crate::secret::{KEY_LEN, Kek};
 
 const KEY_ID_DOMAIN: &[u8] = b"kms-plugin/pkcs11-key-id/v1\0";
 const KCV_AAD: &[u8] = b"kms-plugin/pkcs11-key-check-value/v1";

@@ -7,7 +7,7 @@
 use async_trait::async_trait;
 
 use super::{Backend, BackendError, Wrapped};
-use crate::keys::Kek;
+use crate::secret::Kek;
 
 /// Fails every operation with `error`.
 pub struct Refused {

@@ -92,7 +92,9 @@ fn reason(e: &Error) -> String {
 pub async fn run(options: Options) -> Result<u8, String> {
     let verifier = match &options.verify {
         Some(settings) => {
-            let backend = crate::build_backend(settings).await.map_err(|e| e.to_string())?;
+            let backend = crate::startup::build_backend(settings)
+                .await
+                .map_err(|e| e.to_string())?;
             let keys = Keys::new(
                 backend,
                 settings.policy(),

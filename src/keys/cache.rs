@@ -30,8 +30,8 @@ use prometheus_client::metrics::counter::Counter;
 use ring::digest;
 use tokio::sync::{Semaphore, watch};
 
-use super::secret::Kek;
 use crate::backend::{BackendError, ErrorKind};
+use crate::secret::Kek;
 use crate::shares::{Peer, Shares};
 
 const REF_DOMAIN: &[u8] = b"kms-plugin/kek-ref/v1\0";

@@ -7,9 +7,8 @@
 
 use ring::rand::SystemRandom;
 
-use super::aead;
 use super::cache::KekRef;
-use super::secret::{Kek, Plaintext};
+use crate::secret::{Kek, Plaintext, aead};
 
 /// The only format this build writes and reads.
 pub const VERSION: u8 = 1;
@@ -21,20 +20,7 @@ pub const MAX_PLAINTEXT: usize = MAX_CIPHERTEXT - OVERHEAD;
 
 const AAD_DOMAIN: &[u8] = b"kms-plugin/envelope\0";
 
-/// Why a ciphertext was refused. Each maps to one gRPC status at the edge.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum EnvelopeError {
-    #[error("ciphertext is empty")]
-    Empty,
-    #[error("ciphertext of {0} bytes is shorter than the {OVERHEAD}-byte envelope")]
-    Truncated(usize),
-    #[error("ciphertext of {0} bytes exceeds the {MAX_CIPHERTEXT}-byte limit")]
-    TooLong(usize),
-    #[error("unsupported envelope format version {0}")]
-    UnknownVersion(u8),
-    #[error("ciphertext failed authentication")]
-    Authentication,
-}
+pub use crate::error::EnvelopeError;
 
 /// A ciphertext whose framing has been checked, ready to open once its KEK is known.
 pub struct Envelope<'a> {
@@ -48,7 +34,10 @@ impl<'a> Envelope<'a> {
             [] => Err(EnvelopeError::Empty),
             c if c.len() > MAX_CIPHERTEXT => Err(EnvelopeError::TooLong(c.len())),
             [v, ..] if *v != VERSION => Err(EnvelopeError::UnknownVersion(*v)),
-            c if c.len() <= OVERHEAD => Err(EnvelopeError::Truncated(c.len())),
+            c if c.len() <= OVERHEAD => Err(EnvelopeError::Truncated {
+                len: c.len(),
+                overhead: OVERHEAD,
+            }),
             [_, sealed @ ..] => Ok(Self { sealed }),
         }
     }
@@ -129,9 +118,18 @@ mod tests {
         assert_eq!(Envelope::parse(&[]).err(), Some(EnvelopeError::Empty));
         assert_eq!(
             Envelope::parse(&c[..OVERHEAD]).err(),
-            Some(EnvelopeError::Truncated(OVERHEAD))
+            Some(EnvelopeError::Truncated {
+                len: OVERHEAD,
+                overhead: OVERHEAD
+            })
         );
-        assert_eq!(Envelope::parse(&[VERSION]).err(), Some(EnvelopeError::Truncated(1)));
+        assert_eq!(
+            Envelope::parse(&[VERSION]).err(),
+            Some(EnvelopeError::Truncated {
+                len: 1,
+                overhead: OVERHEAD
+            })
+        );
         let mut v2 = c.clone();
         v2[0] = 2;
         assert_eq!(Envelope::parse(&v2).err(), Some(EnvelopeError::UnknownVersion(2)));

@@ -8,12 +8,10 @@
 //! - Encrypt, Status and cached Decrypt never wait on the backend; only the very first KEK may
 //!   be made on a request path, every later one is made by the background rotation task.
 
-pub mod aead;
 pub mod cache;
 pub mod envelope;
 pub mod metrics;
 pub mod rotation;
-mod secret;
 
 use std::future::Future;
 use std::num::NonZeroUsize;
@@ -26,7 +24,7 @@ use ring::rand::SystemRandom;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-pub use secret::{KEY_LEN, Kek, Plaintext};
+pub use crate::secret::{KEY_LEN, Kek, Plaintext, aead};
 
 use crate::backend::{Backend, BackendError, ErrorKind, Wrapped};
 use crate::contract;

@@ -24,8 +24,8 @@ use crate::proto::v2::key_management_service_server::KeyManagementService;
 use crate::proto::v2::{
     DecryptRequest, DecryptResponse, EncryptRequest, EncryptResponse, StatusRequest, StatusResponse,
 };
-use crate::settings::ApiVersion;
 use crate::shares::Peer;
+pub use status::ApiVersion;
 
 /// Put into each request's extensions by the server's edge layer; a handler marks it when it
 /// runs, so the edge logs and counts only the calls refused before any handler (the handler

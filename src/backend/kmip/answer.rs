@@ -15,7 +15,7 @@
 use super::ttlv::{Item, tag};
 use super::{STATE_NAMES, op};
 use crate::backend::{BackendError, ErrorKind};
-use crate::keys::{KEY_LEN, Kek};
+use crate::secret::{KEY_LEN, Kek};
 
 fn op_name(operation: u32) -> &'static str {
     match operation {

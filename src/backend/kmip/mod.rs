@@ -49,7 +49,7 @@ use tokio_rustls::client::TlsStream;
 use zeroize::Zeroizing;
 
 use super::{Backend, BackendError, ErrorKind, Wrapped};
-use crate::keys::{KEY_LEN, Kek};
+use crate::secret::{KEY_LEN, Kek};
 use ttlv::{Item, Value, tag};
 
 const ID_DOMAIN: &[u8] = b"kms-plugin/kmip-key-id/v1\0";
@@ -107,7 +107,7 @@ pub struct KmipSettings {
     /// Connections kept open to the server (bounds concurrent KMIP calls).
     #[serde(default = "default_pool")]
     pub pool_size: usize,
-    #[serde(default = "default_call_timeout", deserialize_with = "crate::settings::duration")]
+    #[serde(default = "default_call_timeout", deserialize_with = "crate::parse::duration")]
     pub call_timeout: Duration,
 }
 

@@ -33,7 +33,7 @@ use zeroize::Zeroizing;
 pub use auth::AuthSettings;
 
 use super::{Backend, BackendError, ErrorKind, Wrapped};
-use crate::keys::Kek;
+use crate::secret::Kek;
 use auth::Auth;
 use http::{Endpoint, Http, Reply, kind_of};
 
@@ -71,7 +71,7 @@ pub struct VaultSettings {
     #[serde(default)]
     pub decrypt_only_keys: Vec<String>,
     /// Each Vault call's deadline (the apiserver allows 3 s for the whole Decrypt).
-    #[serde(default = "default_call_timeout", deserialize_with = "crate::settings::duration")]
+    #[serde(default = "default_call_timeout", deserialize_with = "crate::parse::duration")]
     pub call_timeout: Duration,
     pub auth: AuthSettings,
 }

@@ -1,7 +1,10 @@
-//! Secret key material in types that wipe themselves and cannot be printed.
+//! Secret key material in types that wipe themselves and cannot be printed, and the one AEAD
+//! that uses it. A leaf: imports nothing of the crate, so backends and the key hierarchy share it.
 //!
 //! Neither type implements `Debug`, `Display`, `Clone` or `serde::Serialize`; the only way to
 //! read the bytes is the explicitly named `expose` call, which keeps every use greppable.
+
+pub mod aead;
 
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;

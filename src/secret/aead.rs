@@ -8,7 +8,7 @@ use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
-use super::secret::Kek;
+use super::Kek;
 
 /// Bytes added by sealing: nonce and tag.
 pub const OVERHEAD: usize = NONCE_LEN + TAG_LEN;
