@@ -16,6 +16,8 @@ use kms_plugin::proto::v2::{DecryptRequest, StatusRequest};
 fn run(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let out = Command::new(BIN)
         .args(args)
+        // A free port unless the test names one: never the shared default 9464.
+        .env("KMS_PLUGIN_METRICS__ADDRESS", "127.0.0.1:0")
         .envs(env.iter().copied())
         .env_remove("RUST_LOG")
         .output()
@@ -399,11 +401,18 @@ async fn unsafe_files_and_directories_are_refused() {
     // A socket directory others can write: they could swap the socket for their own.
     let open_dir = dir.path("open");
     std::fs::create_dir(&open_dir).unwrap();
+    // A taken metrics port too: the socket directory is still what gets reported, because it
+    // is checked before anything is bound.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
     for mode in [0o777, 0o770, 0o1777] {
         std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(mode)).unwrap();
         let socket = open_dir.join("kms.sock").display().to_string();
         let config = dir.config(&socket, "root.key", &[], "");
-        let (ok, text) = run(&["serve", "--config", config.to_str().unwrap()], &[]);
+        let (ok, text) = run(
+            &["serve", "--config", config.to_str().unwrap()],
+            &[("KMS_PLUGIN_METRICS__ADDRESS", &taken)],
+        );
         assert!(!ok && text.contains("writable by group or others"), "{mode:o}: {text}");
         assert!(!std::path::Path::new(&socket).exists());
         let (ok, text) = run(&["check", "--config", config.to_str().unwrap()], &[]);

@@ -65,6 +65,10 @@ pub async fn run(
     log: logging::LevelHandle,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
+    // Everything that can be checked is checked before anything is bound or built: a refused
+    // socket directory is reported as that, whatever else (a taken metrics port) is wrong too.
+    let address: server::socket::SocketAddress = settings.socket.path.parse().map_err(StartError::Address)?;
+    server::socket::preflight(&address, settings.socket.group.as_deref())?;
     if let Err(e) = ops::hygiene::harden() {
         warn!(error = %e, "could not disable core dumps");
     }
@@ -122,7 +126,6 @@ pub async fn run(
         false => None,
     };
 
-    let address: server::socket::SocketAddress = settings.socket.path.parse().map_err(StartError::Address)?;
     let (listener, guard) = server::socket::bind(&address, settings.socket.mode, settings.socket.group.as_deref())?;
     let key_id = keys
         .current()
