@@ -5,13 +5,13 @@
 //! `secret` (key material and the AEAD); `backend` (where root keys live, one folder or file
 //! each); `server` (socket, edge limits and shutdown); `ops` (health, metrics, process
 //! hygiene); `settings`, `startup` and `reload` (configuration, and what the process runs with);
-//! `inventory` (what etcd holds); `client` (a KMS v2 client for the CLI, tests and benchmarks).
+//! `inventory` (what etcd holds); `migrate` (re-sealing every object after a rotation); `client` (a KMS v2 client for the CLI, tests and benchmarks).
 //!
 //! Layers, bottom to top: a module imports only modules listed before it (integration/layering.rs
 //! fails otherwise, so no cycle can come back):
 //! `proto`, `contract`, `shares`, `secret`, `secret_file`, `parse`, `logging`,
 //! `backend`, `error`, `keys`, `service`, `server`, `client`, `ops`,
-//! `settings`, `startup`, `reload`, `inventory`
+//! `settings`, `startup`, `reload`, `inventory`, `migrate`
 //!
 #![forbid(unsafe_code)]
 
@@ -22,6 +22,7 @@ pub mod error;
 pub mod inventory;
 pub mod keys;
 pub mod logging;
+pub mod migrate;
 pub mod ops;
 pub mod parse;
 pub mod reload;

@@ -59,21 +59,8 @@ enum Command {
     /// key may be retired. Exit 0 ok, 1 error, 2 --require-retirable key still has objects,
     /// 3 --verify found objects that do not open.
     Inventory {
-        /// etcd endpoints, comma-separated (the first that answers is used).
-        #[arg(long, default_value = "http://127.0.0.1:2379")]
-        endpoints: String,
-        /// CA certificate (PEM) that signed etcd's server certificate; needed for https.
-        #[arg(long, value_name = "FILE")]
-        cacert: Option<PathBuf>,
-        /// Client certificate (PEM) for etcd's client-cert-auth.
-        #[arg(long, value_name = "FILE", requires = "key")]
-        cert: Option<PathBuf>,
-        /// Client private key (PEM).
-        #[arg(long, value_name = "FILE", requires = "cert")]
-        key: Option<PathBuf>,
-        /// The apiserver's --etcd-prefix.
-        #[arg(long, default_value = "/registry/")]
-        prefix: String,
+        #[command(flatten)]
+        etcd: EtcdArgs,
         /// Open every distinct seed with the configured backend (needs --config).
         #[arg(long, requires = "config")]
         verify: bool,
@@ -86,10 +73,77 @@ enum Command {
         /// One JSON document on stdout instead of the table.
         #[arg(long)]
         json: bool,
-        /// Keys per etcd Range call (memory is about this many values at a time).
-        #[arg(long, default_value_t = kms_plugin::inventory::etcd::PAGE, value_parser = clap::value_parser!(i64).range(1..=10_000))]
-        page_size: i64,
     },
+    /// After a rotation: check that every apiserver writes with the same current key, rewrite
+    /// every object of the resources this plugin's provider writes under it (the cluster's
+    /// StorageVersionMigrations, or get-and-update through the API), then prove it from etcd.
+    /// Exit 0 every object under the current key, 1 error, 2 some remain (listed).
+    Migrate {
+        /// The apiservers' --encryption-provider-config: which resources the provider writes.
+        #[arg(long, value_name = "FILE")]
+        encryption_config: PathBuf,
+        /// The KMS v2 provider's name in it (needed only if it names several).
+        #[arg(long, value_name = "NAME")]
+        provider: Option<String>,
+        /// kubeconfig (default: $KUBECONFIG, ~/.kube/config, or the in-cluster service account).
+        #[arg(long, value_name = "FILE")]
+        kubeconfig: Option<PathBuf>,
+        /// An apiserver to check, e.g. https://10.0.0.1:6443 (repeat for each; default: the
+        /// endpoints of the default/kubernetes Service).
+        #[arg(long = "apiserver", value_name = "URL")]
+        apiservers: Vec<String>,
+        /// How objects get rewritten.
+        #[arg(long, value_enum, default_value = "auto")]
+        method: kms_plugin::migrate::Method,
+        /// How long StorageVersionMigrations may take before the rewrite takes over.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        deadline: Duration,
+        /// Objects rewritten per second at most.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        rate: u32,
+        /// Objects per list call when rewriting.
+        #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        chunk_size: u32,
+        /// Preflight and plan only: list what is not under the current key, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+}
+
+/// Where etcd is (`inventory`, `migrate`): read-only access is enough.
+#[derive(clap::Args)]
+struct EtcdArgs {
+    /// etcd endpoints, comma-separated (the first that answers is used).
+    #[arg(long, default_value = "http://127.0.0.1:2379")]
+    endpoints: String,
+    /// CA certificate (PEM) that signed etcd's server certificate; needed for https.
+    #[arg(long, value_name = "FILE")]
+    cacert: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's client-cert-auth.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+    /// The apiserver's --etcd-prefix.
+    #[arg(long, default_value = "/registry/")]
+    prefix: String,
+    /// Keys per etcd Range call (memory is about this many values at a time).
+    #[arg(long, default_value_t = kms_plugin::inventory::etcd::PAGE, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+    page_size: i64,
+}
+
+impl EtcdArgs {
+    fn connection(&self) -> kms_plugin::inventory::etcd::Connection {
+        kms_plugin::inventory::connection(
+            &self.endpoints,
+            self.cacert.clone(),
+            self.cert.clone(),
+            self.key.clone(),
+        )
+    }
 }
 
 fn main() -> ExitCode {
@@ -107,16 +161,11 @@ fn main() -> ExitCode {
         Command::Check { config } => runtime(1).block_on(check(config)),
         Command::Status { socket, timeout } => runtime(1).block_on(status(&socket, timeout)),
         Command::Inventory {
-            endpoints,
-            cacert,
-            cert,
-            key,
-            prefix,
+            etcd,
             verify: _,
             config,
             require_retirable,
             json,
-            page_size,
         } => {
             // `--verify` requires `--config` and the other way round, so `config` says both.
             let options =
@@ -125,18 +174,52 @@ fn main() -> ExitCode {
                     .map(|c| load(Some(c)))
                     .transpose()
                     .map(|verify| kms_plugin::inventory::Options {
-                        connection: kms_plugin::inventory::connection(&endpoints, cacert, cert, key),
-                        prefix,
+                        connection: etcd.connection(),
+                        prefix: etcd.prefix.clone(),
                         verify,
                         require_retirable,
                         json,
-                        page_size,
+                        page_size: etcd.page_size,
                     });
             return match options.and_then(|o| runtime(1).block_on(kms_plugin::inventory::run(o))) {
                 Ok(code) => ExitCode::from(code),
                 Err(msg) => {
                     eprintln!("kms-plugin inventory: {msg}");
                     ExitCode::from(kms_plugin::inventory::EXIT_ERROR)
+                }
+            };
+        }
+        Command::Migrate {
+            encryption_config,
+            provider,
+            kubeconfig,
+            apiservers,
+            method,
+            deadline,
+            rate,
+            chunk_size,
+            dry_run,
+            etcd,
+        } => {
+            let options = kms_plugin::migrate::Options {
+                kubeconfig,
+                encryption_config,
+                provider,
+                apiservers,
+                method,
+                deadline,
+                rate,
+                chunk_size,
+                dry_run,
+                etcd: etcd.connection(),
+                prefix: etcd.prefix,
+                etcd_page_size: etcd.page_size,
+            };
+            return match runtime(1).block_on(kms_plugin::migrate::run(options)) {
+                Ok(code) => ExitCode::from(code),
+                Err(msg) => {
+                    eprintln!("kms-plugin migrate: {msg}");
+                    ExitCode::from(kms_plugin::migrate::EXIT_ERROR)
                 }
             };
         }

@@ -83,13 +83,18 @@ pub struct Apiserver {
     child: Option<Child>,
     args: Vec<String>,
     log: PathBuf,
-    kubeconfig: PathBuf,
+    /// Logs in as a member of `system:masters` (for `migrate` and the controller-manager).
+    pub kubeconfig: PathBuf,
+    /// `https://127.0.0.1:<port>`: `migrate --apiserver` (an apiserver advertising a loopback
+    /// address publishes no endpoints for `default/kubernetes`).
+    pub url: String,
     pub client: Client,
 }
 
 impl Apiserver {
-    /// Starts the apiserver on `etcd` with `encryption` and waits until it is ready.
-    pub async fn start(dir: &Dir, etcd: &Etcd, encryption: &Path) -> Apiserver {
+    /// Starts the apiserver on `etcd` with `encryption` and `extra` flags (e.g. feature gates)
+    /// and waits until it is ready.
+    pub async fn start_with(dir: &Dir, etcd: &Etcd, encryption: &Path, extra: &[&str]) -> Apiserver {
         let port = free_port();
         let certs = dir.path("apiserver-certs");
         std::fs::create_dir_all(&certs).unwrap();
@@ -108,7 +113,7 @@ impl Apiserver {
         let token = crate::common::rand_hex(16);
         let tokens = dir.path("tokens.csv");
         std::fs::write(&tokens, format!("{token},e2e-admin,e2e-admin,\"system:masters\"\n")).unwrap();
-        let args = vec![
+        let mut args = vec![
             format!("--etcd-servers={}", etcd.endpoint),
             format!("--secure-port={port}"),
             "--bind-address=127.0.0.1".into(),
@@ -125,6 +130,7 @@ impl Apiserver {
             "--enable-priority-and-fairness=false".into(),
             "--v=2".into(),
         ];
+        args.extend(extra.iter().map(|a| a.to_string()));
         let log = dir.path("kube-apiserver.log");
         let kubeconfig = dir.path("kubeconfig");
         let mut apiserver = Apiserver {
@@ -132,6 +138,7 @@ impl Apiserver {
             args,
             log,
             kubeconfig,
+            url: format!("https://127.0.0.1:{port}"),
             // Replaced once the serving certificate exists.
             client: Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().unwrap())).unwrap(),
         };
@@ -418,13 +425,18 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start(kind: crate::servers::Kind) -> Cluster {
+        Self::start_with(kind, &[]).await
+    }
+
+    /// As [`Cluster::start`], with more apiserver flags.
+    pub async fn start_with(kind: crate::servers::Kind, apiserver_flags: &[&str]) -> Cluster {
         apiserver_binary();
         let dir = Dir::new();
         let etcd = Etcd::start(&dir).await;
         let keys = crate::servers::RootKeys::new(kind, &dir).await;
         let plugin = crate::common::Plugin::start_env(&keys.config, &keys.env).await;
         let encryption = encryption_config(&dir, &plugin.socket);
-        let apiserver = Apiserver::start(&dir, &etcd, &encryption).await;
+        let apiserver = Apiserver::start_with(&dir, &etcd, &encryption, apiserver_flags).await;
         Cluster {
             apiserver,
             plugin: Some(plugin),
@@ -464,6 +476,28 @@ impl Cluster {
     pub async fn start_plugin(&mut self) {
         assert!(self.plugin.is_none());
         self.plugin = Some(crate::common::Plugin::start_env(&self.keys.config, &self.keys.env).await);
+    }
+
+    /// `kms-plugin migrate` against this cluster (its kubeconfig, EncryptionConfiguration and
+    /// etcd) with `args`: (exit code, stdout).
+    pub fn migrate(&self, args: &[&str]) -> (i32, String) {
+        plugin_command(&self.migrate_args(args).iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// The full argument list of [`Cluster::migrate`].
+    pub fn migrate_args(&self, args: &[&str]) -> Vec<String> {
+        let mut all = vec![
+            "migrate".to_string(),
+            format!("--kubeconfig={}", self.apiserver.kubeconfig.display()),
+            format!(
+                "--encryption-config={}",
+                self.dir.path("encryption-config.yaml").display()
+            ),
+            format!("--apiserver={}", self.apiserver.url),
+        ];
+        all.extend(self.etcd.args());
+        all.extend(args.iter().map(|a| a.to_string()));
+        all
     }
 
     /// `kms-plugin inventory` against this cluster's etcd with `args`: (exit code, stdout).
@@ -512,6 +546,44 @@ impl Cluster {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         unreachable!()
+    }
+}
+
+/// kube-controller-manager (`KMS_E2E_KUBE_CONTROLLER_MANAGER`, or the one beside the
+/// kube-apiserver binary) with `flags`, logged in through `apiserver`'s kubeconfig.
+pub struct ControllerManager {
+    child: Child,
+}
+
+impl ControllerManager {
+    pub fn start(dir: &Dir, apiserver: &Apiserver, flags: &[&str]) -> ControllerManager {
+        let binary = match std::env::var_os("KMS_E2E_KUBE_CONTROLLER_MANAGER") {
+            Some(p) => PathBuf::from(p),
+            None => apiserver_binary().with_file_name("kube-controller-manager"),
+        };
+        assert!(
+            binary.is_file(),
+            "this test needs kube-controller-manager: put it beside kube-apiserver or set KMS_E2E_KUBE_CONTROLLER_MANAGER (not {})",
+            binary.display()
+        );
+        let log = std::fs::File::create(dir.path("kube-controller-manager.log")).unwrap();
+        let child = Command::new(binary)
+            .arg(format!("--kubeconfig={}", apiserver.kubeconfig.display()))
+            .args(["--leader-elect=false", "--secure-port=0", "--v=2"])
+            .args(flags)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        ControllerManager { child }
+    }
+}
+
+impl Drop for ControllerManager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

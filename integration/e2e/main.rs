@@ -18,4 +18,5 @@ mod common;
 mod backends;
 mod cluster;
 mod lifecycle;
+mod migrate;
 mod servers;
