@@ -12,10 +12,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_fds(fds)?;
     // `kms-plugin inventory`: a client for etcd's KV.Range only (proto/etcd says where the
     // trimmed files come from), with tonic's ordinary codec: etcd's replies are not requests
-    // this plugin judges.
+    // this plugin judges. The server side is for the tests' fake etcd (replies a real one
+    // never gives); the binary never serves it.
     let etcd = protox::compile(["etcd/rpc.proto"], ["proto"])?;
     tonic_prost_build::configure()
-        .build_server(false)
+        .build_server(true)
         .build_client(true)
         .compile_fds(etcd)?;
     Ok(())

@@ -1,16 +1,19 @@
 //! `kms-plugin inventory` against a real etcd holding values in the apiserver's exact storage
 //! formats, with KMS v2 seeds sealed by the running plugin.
 
-use std::process::Command;
+use std::process::{Child, Command};
+use std::sync::Mutex;
 
+use kms_plugin::inventory::etcd::pb::etcdserverpb::{RangeResponse, ResponseHeader};
+use kms_plugin::inventory::etcd::pb::mvccpb::KeyValue;
 use kms_plugin::inventory::format::EncryptedObject;
 use kms_plugin::logging::KeyIdHash;
 use kms_plugin::proto::v2::EncryptResponse;
 use prost::Message;
 use serde_json::Value;
 
-use crate::common::etcd::Etcd;
-use crate::common::{BIN, Dir, Plugin, encrypt, rand_bytes, status};
+use crate::common::etcd::{Etcd, FakeEtcd};
+use crate::common::{BIN, Dir, Plugin, encrypt, eventually, rand_bytes, status};
 
 /// The value the apiserver stores for an object sealed under `seed` (contract §7).
 fn kms_v2_value(provider: &str, seed: &EncryptResponse) -> Vec<u8> {
@@ -397,4 +400,188 @@ async fn progress_goes_to_stderr_and_the_table_to_stdout() {
         "{out}"
     );
     assert!(out.contains("no KMS v2 objects"), "{out}");
+}
+
+/// A running inventory, killed if the test ends (or fails) before it does: a scan that never
+/// ends must fail the test, not outlive it.
+struct Running(Mutex<Child>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let child = self.0.get_mut().unwrap_or_else(|e| e.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Runs the inventory against `endpoint`; the test fails if it has not exited within
+/// `eventually`'s limit: (exit code, stdout, stderr).
+async fn inventory_bounded(dir: &Dir, endpoint: &str) -> (i32, String, String) {
+    let (out, err) = (dir.path("inventory.out"), dir.path("inventory.err"));
+    let running = Running(Mutex::new(
+        Command::new(BIN)
+            .args(["inventory", "--endpoints", endpoint])
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap(),
+    ));
+    eventually("inventory to exit", || async {
+        running.0.lock().unwrap().try_wait().unwrap().is_some()
+    })
+    .await;
+    // Exited: `wait` returns the status `try_wait` saw.
+    let status = running.0.lock().unwrap().wait().unwrap();
+    let read = |p| String::from_utf8_lossy(&std::fs::read(p).unwrap()).into_owned();
+    (status.code().unwrap_or(-1), read(&out), read(&err))
+}
+
+#[tokio::test]
+async fn etcd_paging_that_does_not_advance_is_an_error() {
+    let dir = Dir::new();
+    let header = || {
+        Some(ResponseHeader {
+            revision: 7,
+            ..Default::default()
+        })
+    };
+    // Every page: the same (long, hostile) key and "more follow", so the next page never starts
+    // past it.
+    let key = [b"/registry/secrets/\x1b]0;pwned\x07".as_slice(), &[b'x'; 100_000]].concat();
+    let stuck = FakeEtcd::start(move |_| RangeResponse {
+        header: header(),
+        kvs: vec![KeyValue {
+            key: key.clone(),
+            value: b"k8s\0\n\x02".to_vec(),
+            ..Default::default()
+        }],
+        more: true,
+        count: 2,
+    })
+    .await;
+    let (code, out, err) = inventory_bounded(&dir, &stuck.endpoint).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(out.is_empty(), "no report from a scan that did not finish");
+    assert!(
+        err.contains(r"etcd paging did not advance at key /registry/secrets/\u{1b}]0;pwned\u{7}xxx"),
+        "{err}"
+    );
+    assert!(
+        err.contains("etcd answered it again")
+            && err.contains("…(100,028 bytes, sha256:")
+            && err.len() < 2_000
+            && !err.contains('\x1b'),
+        "{err:?}"
+    );
+
+    // An empty page that says more follow: not the end of the scan.
+    let empty = FakeEtcd::start(move |_| RangeResponse {
+        header: header(),
+        kvs: vec![],
+        more: true,
+        count: 1,
+    })
+    .await;
+    let (code, out, err) = inventory_bounded(&dir, &empty.endpoint).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("etcd paging did not advance at key /registry/: an empty page said more keys follow"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn huge_and_hostile_names_are_cut_and_escaped_but_counted_in_full() {
+    let dir = Dir::new();
+    let etcd = Etcd::start(&dir).await;
+    // 100,000-byte key_ids that differ only in their last byte: two key_ids, two rows.
+    let head = "evil\n\x1b[2Jforged line";
+    let id = |last: char| format!("{head}{}{last}", "k".repeat(100_000 - head.len() - 1));
+    let provider = format!("p\r{}", "q".repeat(499_998));
+    let value = |key_id: String| {
+        let object = EncryptedObject {
+            encrypted_data: vec![1; 16],
+            key_id,
+            encrypted_dek_source: vec![2; 32],
+            annotations: Default::default(),
+            encrypted_dek_source_type: 1,
+        };
+        let mut v = format!("k8s:enc:kms:v2:{provider}:").into_bytes();
+        v.extend(object.encode_to_vec());
+        v
+    };
+    etcd.put(b"/registry/secrets/default/a", &value(id('1'))).await;
+    etcd.put(b"/registry/secrets/default/b", &value(id('2'))).await;
+    etcd.put(b"/registry/secrets/default/c", &value(id('2'))).await;
+    // A long resource name with a terminal escape, and its key listed as unknown.
+    let key = format!("/registry/w\x1b{}/ns/x", "r".repeat(50_000));
+    etcd.put(key.as_bytes(), b"\x00junk").await;
+
+    let (code, table, err) = inventory(&etcd, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(table.len() < 20_000, "{} bytes", table.len());
+    assert!(table.contains("4 objects"), "{table}");
+    assert!(table.contains(r"evil\u{a}\u{1b}[2Jforged line") && table.contains("…(100,000 bytes, sha256:"));
+    assert!(table.contains(r"p\u{d}qqq") && table.contains("…(500,000 bytes, sha256:"));
+    assert!(table.contains(r"w\u{1b}rrr") && table.contains("…(50,002 bytes, sha256:"));
+    assert_eq!(
+        table.lines().filter(|l| l.starts_with("key_id evil")).count(),
+        2,
+        "{table}"
+    );
+    assert!(!table.contains(['\x1b', '\r']) && !table.lines().any(|l| l.starts_with("forged")));
+
+    let (code, out, err) = inventory(&etcd, &["--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.len() < 20_000, "{} bytes", out.len());
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["keys_scanned"], 4);
+    let ids = doc["key_ids"].as_object().unwrap();
+    assert_eq!(ids.len(), 2, "{doc}");
+    let mut objects: Vec<u64> = ids.values().map(|k| k["objects"].as_u64().unwrap()).collect();
+    objects.sort();
+    assert_eq!(objects, [1, 2]);
+    for (shown, k) in ids {
+        assert_eq!(shown, k["key_id"].as_str().unwrap());
+        assert!(shown.starts_with(r"evil\u{a}\u{1b}[2Jforged line") && shown.contains("…(100,000 bytes, sha256:"));
+        // The digest in the cut form starts the key_id's hash.
+        let hash = k["key_id_hash"].as_str().unwrap();
+        assert!(shown.ends_with(&format!("sha256:{})", &hash[7..23])), "{shown} {hash}");
+        assert!(k["providers"][0].as_str().unwrap().contains("…(500,000 bytes"));
+    }
+    let secrets = &doc["resources"]["secrets"]["kms_v2"];
+    let (p, by_id) = secrets.as_object().unwrap().iter().next().unwrap();
+    assert!(
+        p.starts_with(r"p\u{d}qqq") && by_id.as_object().unwrap().len() == 2,
+        "{secrets}"
+    );
+    let unknown = doc["unknown"]["keys"][0].as_str().unwrap();
+    assert!(
+        unknown.starts_with(r"/registry/w\u{1b}rrr") && unknown.contains("…(50,017 bytes"),
+        "{unknown}"
+    );
+
+    // --require-retirable finds the full key_id by its hash and shows it cut.
+    let (code, out, _) = inventory(
+        &etcd,
+        &["--json", "--require-retirable", &KeyIdHash(&id('2')).to_string()],
+    );
+    assert_eq!(code, 2);
+    assert!(out.len() < 20_000);
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["require_retirable"]["objects"], 2);
+    assert!(
+        doc["require_retirable"]["key_id"]
+            .as_str()
+            .unwrap()
+            .contains("…(100,000 bytes")
+    );
+    // Verdicts compare full values: by the full key_id (1 object), and a key_id shown alike (same
+    // first bytes and length) that no object names.
+    let (code, out, _) = inventory(&etcd, &["--require-retirable", &id('1')]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("objects: NOT retirable") && out.len() < 20_000, "{out}");
+    let (code, out, _) = inventory(&etcd, &["--require-retirable", &id('3')]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("0 objects: retirable"), "{out}");
 }

@@ -1,5 +1,6 @@
 //! A real etcd (Debian's `etcd-server`, /usr/bin/etcd) on loopback with a temporary data dir,
-//! and a test-only Put for writing fixtures in the apiserver's storage formats.
+//! and a test-only Put for writing fixtures in the apiserver's storage formats; and a fake
+//! etcd serving only KV.Range, for replies a real etcd never gives.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -7,7 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kms_plugin::inventory::etcd::pb::etcdserverpb::kv_client::KvClient;
-use kms_plugin::inventory::etcd::pb::etcdserverpb::{PutRequest, PutResponse, RangeRequest};
+use kms_plugin::inventory::etcd::pb::etcdserverpb::kv_server::{Kv, KvServer};
+use kms_plugin::inventory::etcd::pb::etcdserverpb::{PutRequest, PutResponse, RangeRequest, RangeResponse};
 use kms_plugin::inventory::etcd::{self, Connection};
 use tonic::transport::Channel;
 
@@ -166,5 +168,45 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A fake etcd on a loopback port whose KV.Range answers with `reply`; stopped on drop.
+pub struct FakeEtcd {
+    pub endpoint: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct FakeKv<F>(F);
+
+#[tonic::async_trait]
+impl<F: Fn(RangeRequest) -> RangeResponse + Send + Sync + 'static> Kv for FakeKv<F> {
+    async fn range(
+        &self,
+        request: tonic::Request<RangeRequest>,
+    ) -> Result<tonic::Response<RangeResponse>, tonic::Status> {
+        Ok(tonic::Response::new((self.0)(request.into_inner())))
+    }
+}
+
+impl FakeEtcd {
+    /// Serves on the calling test's runtime.
+    pub async fn start(reply: impl Fn(RangeRequest) -> RangeResponse + Send + Sync + 'static) -> FakeEtcd {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let server = tonic::transport::Server::builder()
+            .add_service(KvServer::new(FakeKv(reply)))
+            .serve_with_incoming(incoming);
+        let task = tokio::spawn(async move {
+            let _ = server.await;
+        });
+        FakeEtcd { endpoint, task }
+    }
+}
+
+impl Drop for FakeEtcd {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

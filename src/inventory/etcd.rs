@@ -21,6 +21,8 @@ use pb::etcdserverpb::RangeRequest;
 use pb::etcdserverpb::kv_client::KvClient;
 use pb::mvccpb::KeyValue;
 
+use super::shown::{shown, shown_bytes};
+
 /// Where etcd is and how to authenticate, as etcdctl takes it.
 #[derive(Clone, Debug)]
 pub struct Connection {
@@ -118,6 +120,8 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 pub struct Pager {
     client: KvClient<Channel>,
     next: Vec<u8>,
+    /// The previous page's last key (`next` is just after it), for errors.
+    last: Option<Vec<u8>>,
     end: Vec<u8>,
     /// 0 until the first reply, then that reply's revision: every page sees the same snapshot.
     revision: i64,
@@ -134,6 +138,7 @@ impl Pager {
         Self {
             client,
             next,
+            last: None,
             end: prefix_end(prefix),
             revision: 0,
             limit: page,
@@ -172,9 +177,10 @@ impl Pager {
                 Err(s) if matches!(s.code(), Code::OutOfRange | Code::ResourceExhausted) && self.limit > 1 => {
                     self.limit = (self.limit / 2).max(1);
                 }
-                Err(s) => return Err(format!("etcd Range: {:?}: {}", s.code(), s.message())),
+                Err(s) => return Err(format!("etcd Range: {:?}: {}", s.code(), shown(s.message()))),
             }
         };
+        check_page(self.last.as_deref(), &self.next, &self.end, &reply.kvs, reply.more)?;
         if self.revision == 0 {
             self.revision = reply.header.as_ref().map(|h| h.revision).unwrap_or(0);
         }
@@ -183,6 +189,7 @@ impl Pager {
                 // The smallest key after `last`.
                 self.next = last.key.clone();
                 self.next.push(0);
+                self.last = Some(last.key.clone());
             }
             _ => self.done = true,
         }
@@ -192,9 +199,115 @@ impl Pager {
     }
 }
 
+/// A reply must hold keys of [start, end) in ascending order, and some if it says more follow:
+/// otherwise the next page would not start past this one, and the scan could repeat keys
+/// forever (or, for an empty page, end early and report a partial scan as whole). `last` is the
+/// previous page's last key (`start` is just after it), named in the error.
+fn check_page(last: Option<&[u8]>, start: &[u8], end: &[u8], kvs: &[KeyValue], more: bool) -> Result<(), String> {
+    let stuck = |at: &[u8], why: String| format!("etcd paging did not advance at key {}: {why}", shown_bytes(at));
+    if more && kvs.is_empty() {
+        return Err(stuck(
+            last.unwrap_or(start),
+            "an empty page said more keys follow".into(),
+        ));
+    }
+    let mut previous: Option<&[u8]> = None;
+    for kv in kvs {
+        let key = kv.key.as_slice();
+        let advanced = match previous {
+            Some(p) => key > p,
+            None => key >= start,
+        };
+        if !advanced {
+            let at = previous.or(last).unwrap_or(start);
+            let why = if key == at {
+                "etcd answered it again".to_string()
+            } else {
+                format!("etcd answered {}, which sorts before it", shown_bytes(key))
+            };
+            return Err(stuck(at, why));
+        }
+        // `[0]` stands for the end of the keyspace.
+        if end != [0] && key >= end {
+            return Err(format!(
+                "etcd Range answered key {}, past the end of the range ({})",
+                shown_bytes(key),
+                shown_bytes(end)
+            ));
+        }
+        previous = Some(key);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::prefix_end;
+    use super::{KeyValue, check_page, prefix_end};
+
+    /// `check_page` in the range `/r/` .. `/r0`, with string keys.
+    fn page(last: Option<&str>, start: &str, keys: &[&str], more: bool) -> Result<(), String> {
+        let kvs: Vec<KeyValue> = keys
+            .iter()
+            .map(|k| KeyValue {
+                key: k.as_bytes().to_vec(),
+                ..Default::default()
+            })
+            .collect();
+        check_page(last.map(str::as_bytes), start.as_bytes(), b"/r0", &kvs, more)
+    }
+
+    fn stalled(last: Option<&str>, start: &str, keys: &[&str]) -> String {
+        page(last, start, keys, true).unwrap_err()
+    }
+
+    #[test]
+    fn pages_must_advance() {
+        assert!(page(None, "/r/", &["/r/", "/r/c"], true).is_ok());
+        assert!(page(Some("/r/c"), "/r/c\0", &["/r/c\0", "/r/d"], true).is_ok());
+        assert!(page(None, "/r/", &[], false).is_ok());
+        let top = KeyValue {
+            key: b"\xff\xff".to_vec(),
+            ..Default::default()
+        };
+        assert!(check_page(None, b"\0", b"\0", &[top], false).is_ok());
+
+        assert_eq!(
+            stalled(None, "/r/", &[]),
+            "etcd paging did not advance at key /r/: an empty page said more keys follow"
+        );
+        assert_eq!(
+            stalled(Some("/r/c"), "/r/c\0", &[]),
+            "etcd paging did not advance at key /r/c: an empty page said more keys follow"
+        );
+        // The previous page's last key again: named as the key paging stalled at.
+        assert_eq!(
+            stalled(Some("/r/c"), "/r/c\0", &["/r/c"]),
+            "etcd paging did not advance at key /r/c: etcd answered it again"
+        );
+        assert_eq!(
+            stalled(Some("/r/c"), "/r/c\0", &["/r/b"]),
+            "etcd paging did not advance at key /r/c: etcd answered /r/b, which sorts before it"
+        );
+        assert_eq!(
+            stalled(None, "/r/", &["/q"]),
+            "etcd paging did not advance at key /r/: etcd answered /q, which sorts before it"
+        );
+        // Within a page too.
+        assert_eq!(
+            stalled(None, "/r/", &["/r/d", "/r/d"]),
+            "etcd paging did not advance at key /r/d: etcd answered it again"
+        );
+        assert!(stalled(None, "/r/", &["/r/d", "/r/c"]).contains("at key /r/d: etcd answered /r/c"));
+        assert!(page(None, "/r/", &["/r0"], false).unwrap_err().contains("past the end"));
+
+        // A hostile key is cut and escaped in the message.
+        let long = format!("/r/b\n{}", "x".repeat(10_000));
+        let err = stalled(Some(&long), &format!("{long}\0"), &[&long]);
+        assert!(
+            err.len() < 600 && err.contains("/r/b\\u{a}x") && !err.contains('\n'),
+            "{err}"
+        );
+    }
 
     #[test]
     fn prefix_ends() {

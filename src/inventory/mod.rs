@@ -1,10 +1,12 @@
 //! `kms-plugin inventory`: reads etcd (read-only), reports what is stored under which keys, and
 //! whether a root key may be retired. `format` parses stored values, `etcd` pages through
-//! etcd, `report` aggregates and renders; this module runs the scan.
+//! etcd, `report` aggregates and renders, `shown` bounds and escapes what is printed; this
+//! module runs the scan.
 
 pub mod etcd;
 pub mod format;
 pub mod report;
+pub mod shown;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

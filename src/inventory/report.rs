@@ -1,5 +1,6 @@
 //! Aggregation of what the scan saw, the retirement verdicts, and the two renderings (a table
 //! for people, one JSON document for scripts). Holds counts, hashes and etcd keys, never values.
+//! Both renderings show etcd's strings through [`shown`]; counts use the full values.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write as _;
@@ -8,13 +9,14 @@ use ring::digest;
 use serde::Serialize;
 
 use super::format::{EncryptedObject, Stored};
+use super::shown::{self, shown};
 use crate::contract::KEK_ANNOTATION;
 use crate::logging::KeyIdHash;
 
 /// Object keys listed at most per list (with the full count beside them).
 pub const LISTED: usize = 20;
 
-/// A count and the first [`LISTED`] etcd keys it counts.
+/// A count and the first [`LISTED`] etcd keys it counts, as [`shown`].
 #[derive(Default, Serialize)]
 pub struct KeyList {
     pub count: u64,
@@ -25,7 +27,7 @@ impl KeyList {
     fn add(&mut self, key: &str) {
         self.count += 1;
         if self.keys.len() < LISTED {
-            self.keys.push(key.to_string());
+            self.keys.push(shown(key).into_owned());
         }
     }
 }
@@ -35,6 +37,7 @@ impl KeyList {
 pub struct Resource {
     pub objects: u64,
     /// provider name → key_id → objects.
+    #[serde(serialize_with = "shown::keys2")]
     pub kms_v2: BTreeMap<String, BTreeMap<String, u64>>,
     /// `aescbc`, `aesgcm`, `secretbox`, `kms:v1` → objects.
     pub other_encryption: BTreeMap<&'static str, u64>,
@@ -49,15 +52,18 @@ pub struct Verify {
     pub open: u64,
     /// Objects that do not open, with why (a gRPC code name or a short phrase) → count.
     pub do_not_open: KeyList,
+    #[serde(serialize_with = "shown::keys")]
     pub reasons: BTreeMap<String, u64>,
 }
 
 /// One root key_id as KMS v2 envelopes name it.
 #[derive(Serialize)]
 pub struct KeyId {
+    #[serde(serialize_with = "shown::string")]
     pub key_id: String,
     pub key_id_hash: String,
     pub objects: u64,
+    #[serde(serialize_with = "shown::list")]
     pub providers: BTreeSet<String>,
     /// Objects whose seed this plugin sealed (they carry its KEK annotation).
     pub sealed_by_this_plugin: u64,
@@ -73,7 +79,7 @@ pub struct KeyId {
     keks: HashSet<[u8; 32]>,
 }
 
-/// The verdict `--require-retirable` asked for.
+/// The verdict `--require-retirable` asked for (its strings as [`shown`]).
 #[derive(Serialize)]
 pub struct Required {
     /// As given on the command line.
@@ -88,13 +94,16 @@ pub struct Required {
 /// The whole report.
 #[derive(Serialize)]
 pub struct Report {
+    /// As [`shown`].
     pub prefix: String,
     pub revision: i64,
     pub keys_scanned: u64,
     pub verified: bool,
     /// Distinct (key_id, encryptedDEKSource, annotations) triples `--verify` opened.
     pub seeds_opened: usize,
+    #[serde(serialize_with = "shown::keys")]
     pub resources: BTreeMap<String, Resource>,
+    #[serde(serialize_with = "shown::keys")]
     pub key_ids: BTreeMap<String, KeyId>,
     pub unknown: KeyList,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -129,7 +138,7 @@ pub fn triple_hash(o: &EncryptedObject) -> [u8; 32] {
 impl Report {
     pub fn new(prefix: &str, verified: bool) -> Self {
         Report {
-            prefix: prefix.to_string(),
+            prefix: shown(prefix).into_owned(),
             revision: 0,
             keys_scanned: 0,
             verified,
@@ -212,10 +221,10 @@ impl Report {
                 .find(|k| k.key_id == requested || k.key_id_hash == requested);
             let is_hash = requested.starts_with("sha256:") && requested.len() == 7 + 64;
             Required {
-                requested: requested.to_string(),
+                requested: shown(requested).into_owned(),
                 key_id: found
-                    .map(|k| k.key_id.clone())
-                    .or_else(|| (!is_hash).then(|| requested.to_string())),
+                    .map(|k| shown(&k.key_id).into_owned())
+                    .or_else(|| (!is_hash).then(|| shown(requested).into_owned())),
                 key_id_hash: match found {
                     Some(k) => k.key_id_hash.clone(),
                     None if is_hash => requested.to_string(),
@@ -260,11 +269,16 @@ impl Report {
             let _ = writeln!(
                 out,
                 "{:<32} {:>9} {:>9} {:>11} {:>13} {:>9}",
-                name, r.objects, kms, other, plain, r.unknown
+                shown(name),
+                r.objects,
+                kms,
+                other,
+                plain,
+                r.unknown
             );
             for (provider, ids) in &r.kms_v2 {
                 for (id, n) in ids {
-                    let _ = writeln!(out, "    kms v2 {provider} {id}: {n}");
+                    let _ = writeln!(out, "    kms v2 {} {}: {n}", shown(provider), shown(id));
                 }
             }
             for (f, n) in &r.other_encryption {
@@ -278,9 +292,9 @@ impl Report {
             let _ = writeln!(out, "\nno KMS v2 objects");
         }
         for k in self.key_ids.values() {
-            let _ = writeln!(out, "\nkey_id {}", k.key_id);
+            let _ = writeln!(out, "\nkey_id {}", shown(&k.key_id));
             let _ = writeln!(out, "  hash          {}", k.key_id_hash);
-            let providers: Vec<&str> = k.providers.iter().map(String::as_str).collect();
+            let providers: Vec<_> = k.providers.iter().map(|p| shown(p)).collect();
             let _ = writeln!(
                 out,
                 "  objects       {} (providers: {})",
@@ -300,7 +314,7 @@ impl Report {
                         v.open
                     );
                 } else {
-                    let reasons: Vec<String> = v.reasons.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+                    let reasons: Vec<String> = v.reasons.iter().map(|(r, n)| format!("{}: {n}", shown(r))).collect();
                     let _ = writeln!(
                         out,
                         "  verify        {} of {} objects do NOT open with this configuration ({})",
