@@ -58,6 +58,59 @@ async fn serve_refuses_a_bad_config_before_binding() {
     assert!(!std::path::Path::new(&dir.socket()).exists());
 }
 
+/// A sparse file of `len` bytes starting with `text`: huge, yet nothing to write to disk.
+fn sparse(path: &std::path::Path, text: &str, len: u64) {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    std::io::Write::write_all(&mut &file, text.as_bytes()).unwrap();
+    file.set_len(len).unwrap();
+}
+
+#[test]
+fn an_oversize_config_or_named_file_is_refused_before_it_is_read() {
+    const BIG: u64 = 300 << 20;
+    let limit = "over the limit of 1048576 bytes";
+    let dir = Dir::new();
+    let good = std::fs::read_to_string(dir.config(&dir.socket(), "root.key", &[], "")).unwrap();
+    // The good config, then zeros to 300 MiB: read whole, it would take 300 MiB and more.
+    let big = dir.path("big.toml");
+    sparse(&big, &good, BIG);
+    for command in ["check", "serve"] {
+        let started = std::time::Instant::now();
+        let (ok, _, stderr) = run(&[command, "--config", big.to_str().unwrap()], &[]);
+        let why = format!("config file {} is {BIG} bytes, {limit}", big.display());
+        assert!(!ok && stderr.contains(&why), "{command}: {stderr}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{command} was slow"
+        );
+        assert!(!std::path::Path::new(&dir.socket()).exists());
+    }
+
+    // Files the config names: a root key, and a Vault CA bundle (refused before any connection).
+    let key = dir.key("big.key");
+    sparse(&key, "", BIG);
+    let with_key = dir.config(&dir.socket(), "root.key", &["big.key"], "");
+    let ca = dir.path("ca.pem");
+    sparse(&ca, "-----BEGIN CERTIFICATE-----\n", BIG);
+    let token = dir.key("token");
+    let with_ca = dir.write_config(&format!(
+        "[socket]\npath = {:?}\n[backend]\ntype = \"vault\"\naddress = \"https://127.0.0.1:1\"\nkey = \"k\"\nca_file = {ca:?}\n[backend.auth]\nmethod = \"token\"\ntoken_file = {token:?}\n",
+        dir.socket()
+    ));
+    for (config, file) in [(&with_key, &key), (&with_ca, &ca)] {
+        for command in ["check", "serve"] {
+            let (ok, _, stderr) = run(&[command, "--config", config.to_str().unwrap()], &[]);
+            let why = format!("file {} is {BIG} bytes, {limit}", file.display());
+            assert!(!ok && stderr.contains(&why), "{command}: {stderr}");
+            assert!(!std::path::Path::new(&dir.socket()).exists());
+        }
+    }
+}
+
 #[tokio::test]
 async fn status_command_is_an_exec_probe() {
     let dir = Dir::new();

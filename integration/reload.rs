@@ -296,3 +296,89 @@ async fn pkcs11_a_new_hsm_key_becomes_current_and_a_missing_label_is_refused() {
     load.finish().await;
     plugin.stop().await;
 }
+
+/// Makes `path` a sparse file of `len` bytes that starts with `text` (the rest reads as zeros):
+/// huge, yet nothing to write to disk.
+fn sparse(path: &Path, text: &str, len: u64) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f.set_len(len).unwrap();
+}
+
+#[tokio::test]
+async fn an_oversize_file_is_refused_unread_while_decrypts_go_on() {
+    const BIG: u64 = 300 << 20;
+    let dir = Dir::new();
+    let config = dir.path("config.toml");
+    let good = local_config(&dir, "a.key", &[], "");
+    std::fs::write(&config, &good).unwrap();
+    let plugin = Plugin::start(&config).await;
+    let mut c = plugin.client().await;
+    let a = status(&mut c).await.key_id;
+    let e = encrypt(&mut c, b"seed").await;
+
+    // Decrypts in a loop (the plugin serves on one async worker), each timed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let decrypts = {
+        let (mut c, stop) = (plugin.client().await, stop.clone());
+        tokio::spawn(async move {
+            let (mut rounds, mut slowest, mut failures) = (0u64, Duration::ZERO, Vec::new());
+            while !stop.load(Relaxed) {
+                let started = Instant::now();
+                match tokio::time::timeout(Duration::from_secs(5), c.decrypt(decrypt_request(&e))).await {
+                    Ok(Ok(r)) if r.get_ref().plaintext.as_ref() == b"seed" => {}
+                    other => failures.push(format!("{other:?}")),
+                }
+                slowest = slowest.max(started.elapsed());
+                rounds += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (rounds, slowest, failures)
+        })
+    };
+
+    // A 300 MiB config file (the good one, then zeros), swapped in and signalled; the poll
+    // sees it too, every 200 ms.
+    let big = dir.path("big.toml");
+    sparse(&big, &good, BIG);
+    std::fs::rename(&big, &config).unwrap();
+    plugin.signal("HUP");
+    wait_reloads(&plugin, "failure", 1.0).await;
+    let why = format!(
+        "config file {} is {BIG} bytes, over the limit of 1048576 bytes",
+        config.display()
+    );
+    assert!(plugin.wait_log(&why).await, "no log {why:?}:\n{}", plugin.logs());
+    // Several polls over the big file: the change was tried once, not every interval.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let failed = reloads(&plugin, "failure").await;
+    assert!(
+        failed <= 2.0,
+        "{failed} refused reloads for one change (SIGHUP and poll at most)"
+    );
+
+    // A file the config names, over the cap: refused the same way, naming it.
+    let key = dir.key("big.key");
+    sparse(&key, "", BIG);
+    rewrite(&config, &local_config(&dir, "a.key", &["big.key"], ""));
+    wait_reloads(&plugin, "failure", failed + 1.0).await;
+    let why = format!("file {} is {BIG} bytes, over the limit of 1048576 bytes", key.display());
+    assert!(plugin.wait_log(&why).await, "no log {why:?}:\n{}", plugin.logs());
+
+    stop.store(true, Relaxed);
+    let (rounds, slowest, failures) = decrypts.await.unwrap();
+    let (_, peak_kib) = plugin.memory_kib();
+    assert!(rounds > 10, "only {rounds} Decrypts");
+    assert!(failures.is_empty(), "failed Decrypts: {failures:?}");
+    assert!(slowest < Duration::from_secs(1), "slowest Decrypt took {slowest:?}");
+    // Reading either file whole would have taken 300 MiB at least.
+    assert!(peak_kib < 64 * 1024, "peak RSS {peak_kib} KiB");
+    assert_eq!(status(&mut c).await.key_id, a);
+    assert!(plugin.logs().contains("the previous configuration keeps serving"));
+    plugin.stop().await;
+}

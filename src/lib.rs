@@ -162,7 +162,8 @@ pub async fn run(
                 Arc::clone(&peers),
                 log,
                 reload_metrics,
-            );
+            )
+            .await;
             Some(tokio::spawn(reloader.run(rotation_stopped)))
         }
         // No file to reload (--dev, --socket): a SIGHUP must not terminate the plugin.

@@ -7,7 +7,9 @@
 //! probe, a wrap and an unwrap under its current key. Only then is it put in force, in one swap
 //! (`Keys::replace`): calls already running finish on the old one; cached KEKs of root keys
 //! still configured stay cached, those of removed keys are purged. Anything less leaves the old
-//! configuration serving, logs why (naming the field) and counts a failure.
+//! configuration serving, logs why (naming the field) and counts a failure. Files are read,
+//! hashed and parsed off the async worker, and none over `secret_file::MAX_FILE_BYTES` is read:
+//! a file over it refuses the reload, naming the file and its size.
 //!
 //! Settings a live process cannot change (the socket, the backend type, the metrics endpoint,
 //! threads, mlock, the Status version, the KEK cache size, the log format and shutdown_grace)
@@ -30,6 +32,7 @@ use tracing::{info, warn};
 
 use crate::keys::{Active, Kek, Keys};
 use crate::logging::LevelHandle;
+use crate::secret_file::{self, MAX_FILE_BYTES};
 use crate::server::PeerPolicy;
 use crate::settings::{BackendSettings, Settings};
 
@@ -82,8 +85,9 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// `settings` are the ones in force, loaded from `path`.
-    pub fn new(
+    /// `settings` are the ones in force, loaded from `path`. Their files are fingerprinted now
+    /// (off the async worker), so a change made from here on is noticed.
+    pub async fn new(
         path: PathBuf,
         settings: Settings,
         keys: Arc<Keys>,
@@ -91,16 +95,17 @@ impl Reloader {
         log: LevelHandle,
         metrics: ReloadMetrics,
     ) -> Self {
-        let fingerprint = fingerprint(&path, &settings);
-        Self {
+        let mut reloader = Self {
             path,
             settings,
             keys,
             peers,
             log,
             metrics,
-            fingerprint,
-        }
+            fingerprint: Vec::new(),
+        };
+        reloader.fingerprint = reloader.current_fingerprint().await.unwrap_or_default();
+        reloader
     }
 
     /// Reloads on SIGHUP and on changes, until `shutdown` fires.
@@ -120,7 +125,9 @@ impl Reloader {
                 Some(()) = async { hup.as_mut()?.recv().await } => true,
                 _ = shutdown.changed() => return,
             };
-            let now = fingerprint(&self.path, &self.settings);
+            let Some(now) = self.current_fingerprint().await else {
+                continue;
+            };
             if !by_signal && now == self.fingerprint {
                 continue;
             }
@@ -141,11 +148,28 @@ impl Reloader {
         }
     }
 
+    /// The fingerprint of the files in force now, taken off the async worker.
+    async fn current_fingerprint(&self) -> Option<Vec<u8>> {
+        let (path, files) = (self.path.clone(), self.settings.backend.files());
+        match off_thread(move || fingerprint(&path, &files)).await {
+            Ok(now) => Some(now),
+            Err(why) => {
+                warn!(error = %why, "could not check the configuration files for changes");
+                None
+            }
+        }
+    }
+
     /// Builds and checks the new configuration, then puts it in force.
     async fn reload(&mut self) -> Result<String, String> {
-        let new = Settings::load(Some(&self.path)).map_err(|e| e.to_string())?;
-        // What was loaded, taken now: a change while the backend is built is noticed next time.
-        let loaded = fingerprint(&self.path, &new);
+        let path = self.path.clone();
+        let (new, loaded) = off_thread(move || {
+            let new = Settings::load(Some(&path)).map_err(|e| e.to_string())?;
+            // What was loaded, taken now: a change while the backend is built is noticed next time.
+            let loaded = fingerprint(&path, &new.backend.files());
+            Ok::<_, String>((new, loaded))
+        })
+        .await??;
         fixed_fields_unchanged(&self.settings, &new)?;
         let backend = tokio::time::timeout(crate::keys::BACKEND_CALL_TIMEOUT, crate::startup::build_backend(&new))
             .await
@@ -252,31 +276,43 @@ fn fixed_fields_unchanged(old: &Settings, new: &Settings) -> Result<(), String> 
     }
 }
 
+/// Runs blocking file work (reading, hashing, parsing) on tokio's blocking pool, so the async
+/// worker (one by default, `process.worker_threads`) keeps serving calls meanwhile.
+async fn off_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| format!("reload task failed: {e}"))
+}
+
 /// A hash of the config file and of every file it names, by content (through symlinks).
-fn fingerprint(path: &Path, settings: &Settings) -> Vec<u8> {
+fn fingerprint(path: &Path, files: &[PathBuf]) -> Vec<u8> {
     let mut ctx = digest::Context::new(&digest::SHA256);
-    for file in std::iter::once(path.to_path_buf()).chain(settings.backend.files()) {
+    for file in std::iter::once(path).chain(files.iter().map(PathBuf::as_path)) {
         ctx.update(file.as_os_str().as_encoded_bytes());
-        match read_bounded(&file) {
-            Ok(bytes) => ctx.update(digest::digest(&digest::SHA256, &bytes).as_ref()),
+        match file_digest(file) {
+            Ok(d) => ctx.update(&d),
             Err(e) => ctx.update(format!("error: {:?}", e.kind()).as_bytes()),
         }
     }
     ctx.finish().as_ref().to_vec()
 }
 
-/// Reads up to 1 MiB without blocking on a FIFO (only hashed, never kept).
-fn read_bounded(path: &Path) -> std::io::Result<zeroize::Zeroizing<Vec<u8>>> {
+/// The hash of a file's content, opened without blocking on a FIFO. A file over the cap is
+/// not read: it stands for its identity, size and mtime, so a change is still noticed and the
+/// reload it triggers is refused, naming the file.
+fn file_digest(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
-        .open(path)?;
-    if !file.metadata()?.is_file() {
+    use std::os::unix::fs::MetadataExt;
+    let (file, meta) = secret_file::open_nonblocking(path)?;
+    if !meta.is_file() {
         return Err(std::io::Error::other("not a regular file"));
     }
-    let mut buf = zeroize::Zeroizing::new(Vec::new());
-    file.take(1 << 20).read_to_end(&mut buf)?;
-    Ok(buf)
+    if meta.len() > MAX_FILE_BYTES {
+        let id = (meta.dev(), meta.ino(), meta.len(), meta.mtime(), meta.mtime_nsec());
+        return Ok(format!("over the cap: {id:?}").into_bytes());
+    }
+    // Key files are hashed too: the buffer is wiped after.
+    let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(meta.len() as usize + 1));
+    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut buf)?;
+    Ok(digest::digest(&digest::SHA256, &buf).as_ref().to_vec())
 }

@@ -1,4 +1,6 @@
-//! Reading secrets from files (root keys, PINs): the checks every such file passes.
+//! Reading the files the configuration names: every one within [`MAX_FILE_BYTES`], measured
+//! on the opened file before any of it is read ([`read_capped`]); and secrets (root keys,
+//! PINs, credentials), which pass these checks too:
 //!
 //! - opened once and without blocking, so a FIFO or a device cannot hang start-up, and every
 //!   check is made on the opened file: the file checked is the file read;
@@ -9,7 +11,8 @@
 //!   could otherwise swap the file or a directory on its path
 //!   (a sticky directory, such as the root of a kubelet Secret or projected volume, is fine:
 //!   there others cannot rename or remove what they do not own);
-//! - read whole into a zeroizing buffer, up to a bound.
+//! - no larger than the caller's bound (checked on the opened file before reading), then read
+//!   whole into a zeroizing buffer, the read stopping one byte past the bound.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
@@ -17,6 +20,58 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
+
+/// Largest config file, and largest file it names, that is read at all (root keys, PINs,
+/// tokens and certificates are far smaller): a bigger one is refused from its size alone, so a
+/// stray or hostile huge file cannot fill memory or stall the plugin while it is read.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// Why `path`, of `len` bytes, is refused: it names the file, its size and the cap.
+pub fn too_large(what: &str, path: &Path, len: u64) -> String {
+    format!(
+        "{what} {} is {len} bytes, over the limit of {MAX_FILE_BYTES} bytes (1 MiB) for the config file and every file it names",
+        path.display(),
+    )
+}
+
+/// Opens `path` for reading without blocking (a FIFO or a device cannot hang the open) and
+/// takes its metadata from the opened file, so the file measured is the file read.
+pub fn open_nonblocking(path: &Path) -> std::io::Result<(File, fs::Metadata)> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)?;
+    let meta = file.metadata()?;
+    Ok((file, meta))
+}
+
+/// Reads `path`, the config file or a file it names that is not a secret (a CA or certificate
+/// PEM); errors start with `what` and the path. It must be a regular file of at most
+/// [`MAX_FILE_BYTES`], measured before any of it is read; the read stops one byte past the
+/// cap, so a file that grows meanwhile is refused too.
+pub fn read_capped(what: &str, path: &Path) -> Result<Vec<u8>, String> {
+    let err = |why: &dyn std::fmt::Display| format!("{what} {}: {why}", path.display());
+    let (file, meta) = open_nonblocking(path).map_err(|e| err(&e))?;
+    if meta.is_dir() {
+        return Err(err(&"is a directory"));
+    }
+    if !meta.is_file() {
+        return Err(err(&"is not a regular file"));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(too_large(what, path, meta.len()));
+    }
+    let mut buf = Vec::with_capacity(meta.len() as usize + 1);
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| err(&e))?;
+    if buf.len() as u64 > MAX_FILE_BYTES {
+        return Err(err(&format_args!(
+            "grew past the limit of {MAX_FILE_BYTES} bytes while it was read"
+        )));
+    }
+    Ok(buf)
+}
 
 /// What a caller requires of its secret file.
 pub struct Policy {
@@ -51,22 +106,33 @@ pub enum SecretFileError {
         mode: u32,
         uid: u32,
     },
-    #[error("{path} is larger than {max} bytes")]
-    TooLong { path: PathBuf, max: u64 },
+    #[error("{path} is {len} bytes, over the limit of {max} bytes")]
+    TooLong { path: PathBuf, len: u64, max: u64 },
+    #[error("{path} grew past the limit of {max} bytes while it was read")]
+    Grew { path: PathBuf, max: u64 },
 }
 
 /// Opens, checks and reads `path` under `policy`.
 pub fn read(path: &Path, policy: &Policy) -> Result<Zeroizing<Vec<u8>>, SecretFileError> {
-    let (mut file, meta) = open(path, policy)?;
-    let mut buf = Zeroizing::new(Vec::with_capacity(meta.len().min(policy.max_len) as usize + 1));
-    (&mut file)
-        .take(policy.max_len + 1)
-        .read_to_end(&mut buf)
-        .map_err(|source| io(path, source))?;
-    if buf.len() as u64 > policy.max_len {
+    let (file, meta) = open(path, policy)?;
+    let max = policy.max_len.min(MAX_FILE_BYTES);
+    // Measured on the opened file, before reading any of it; the bounded read below still
+    // catches a file that grows meanwhile.
+    if meta.len() > max {
         return Err(SecretFileError::TooLong {
             path: path.to_owned(),
-            max: policy.max_len,
+            len: meta.len(),
+            max,
+        });
+    }
+    let mut buf = Zeroizing::new(Vec::with_capacity(meta.len() as usize + 1));
+    file.take(max + 1)
+        .read_to_end(&mut buf)
+        .map_err(|source| io(path, source))?;
+    if buf.len() as u64 > max {
+        return Err(SecretFileError::Grew {
+            path: path.to_owned(),
+            max,
         });
     }
     Ok(buf)
@@ -74,12 +140,7 @@ pub fn read(path: &Path, policy: &Policy) -> Result<Zeroizing<Vec<u8>>, SecretFi
 
 /// Opens `path` without blocking and runs every check on the opened file.
 pub fn open(path: &Path, policy: &Policy) -> Result<(File, fs::Metadata), SecretFileError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
-        .open(path)
-        .map_err(|source| io(path, source))?;
-    let meta = file.metadata().map_err(|source| io(path, source))?;
+    let (file, meta) = open_nonblocking(path).map_err(|source| io(path, source))?;
     if !meta.is_file() {
         return Err(SecretFileError::NotAFile { path: path.to_owned() });
     }
@@ -210,7 +271,7 @@ mod tests {
         ));
 
         fs::write(&p, [1u8; 65]).unwrap();
-        assert!(matches!(read(&p, &KEY), Err(SecretFileError::TooLong { .. })));
+        assert!(matches!(read(&p, &KEY), Err(SecretFileError::TooLong { len: 65, .. })));
 
         // A FIFO is refused at once instead of blocking the open.
         let fifo = dir.path().join("fifo");
@@ -224,5 +285,30 @@ mod tests {
         .unwrap();
         assert!(matches!(read(&fifo, &KEY), Err(SecretFileError::NotAFile { .. })));
         assert!(matches!(read(dir.path(), &KEY), Err(SecretFileError::NotAFile { .. })));
+    }
+
+    #[test]
+    fn read_capped_refuses_a_file_over_the_cap_from_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ca.pem");
+        let file = File::create(&p).unwrap();
+        file.set_len(MAX_FILE_BYTES).unwrap();
+        assert_eq!(read_capped("ca_file", &p).unwrap().len() as u64, MAX_FILE_BYTES);
+        // Sparse: 300 MiB here is no disk and, refused from its size, no memory either.
+        file.set_len(300 << 20).unwrap();
+        let e = read_capped("ca_file", &p).unwrap_err();
+        assert!(
+            e.contains(&format!(
+                "ca_file {} is {} bytes, over the limit",
+                p.display(),
+                300u64 << 20
+            )),
+            "{e}"
+        );
+        assert!(
+            read_capped("ca_file", dir.path())
+                .unwrap_err()
+                .contains("is a directory")
+        );
     }
 }

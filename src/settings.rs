@@ -11,6 +11,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::keys::rotation::RotationPolicy;
 use crate::logging::LogFormat;
+use crate::secret_file;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -405,15 +406,20 @@ const LIST_KEYS: &[&str] = &[
 
 /// Reads a config file, saying precisely why it cannot be used.
 fn read_config_file(path: &Path) -> Result<String, SettingsError> {
-    let err = |why: String| SettingsError(format!("config file {}: {why}", path.display()));
-    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
-    if meta.is_dir() {
-        return Err(err("is a directory, not a TOML file".into()));
+    let bytes = secret_file::read_capped("config file", path).map_err(SettingsError)?;
+    String::from_utf8(bytes).map_err(|_| SettingsError(format!("config file {}: is not UTF-8 text", path.display())))
+}
+
+/// Refuses a file the settings name that is over [`secret_file::MAX_FILE_BYTES`], from its
+/// size alone. Anything else wrong with it (missing, unreadable, too open) is left for its
+/// reader, which says more; the readers stop at the cap too, should it grow meanwhile.
+fn check_named_file_size(path: &Path) -> Result<(), SettingsError> {
+    match secret_file::open_nonblocking(path) {
+        Ok((_, meta)) if meta.is_file() && meta.len() > secret_file::MAX_FILE_BYTES => {
+            Err(SettingsError(secret_file::too_large("file", path, meta.len())))
+        }
+        _ => Ok(()),
     }
-    if !meta.is_file() {
-        return Err(err("is not a regular file".into()));
-    }
-    std::fs::read_to_string(path).map_err(|e| err(e.to_string()))
 }
 
 /// A configuration error, with the field it concerns where known.
@@ -423,13 +429,19 @@ pub struct SettingsError(String);
 
 impl Settings {
     /// Loads `file` (if any), then environment variables `KMS_PLUGIN_<SECTION>__<FIELD>`
-    /// (e.g. `KMS_PLUGIN_SOCKET__PATH`, `KMS_PLUGIN_KEK__MAX_AGE`).
+    /// (e.g. `KMS_PLUGIN_SOCKET__PATH`, `KMS_PLUGIN_KEK__MAX_AGE`). The file, and every file
+    /// the result names, must be at most [`secret_file::MAX_FILE_BYTES`]. Blocking file reads:
+    /// a running plugin calls this off its async workers.
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
         let text = match file {
             Some(file) => Some(read_config_file(file)?),
             None => None,
         };
-        Self::load_with(text.as_deref(), std::env::vars())
+        let settings = Self::load_with(text.as_deref(), std::env::vars())?;
+        for file in settings.backend.files() {
+            check_named_file_size(&file)?;
+        }
+        Ok(settings)
     }
 
     /// Like [`Settings::load`], with the file's text and the environment given (tests).
@@ -755,5 +767,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("No such file"), "{e}");
+        // One byte over the cap: refused from its size (sparse, it reads as zeros).
+        let big = tempfile::NamedTempFile::new().unwrap();
+        big.as_file().set_len(secret_file::MAX_FILE_BYTES + 1).unwrap();
+        let e = Settings::load(Some(big.path())).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("is {} bytes, over the limit", secret_file::MAX_FILE_BYTES + 1)),
+            "{e}"
+        );
     }
 }

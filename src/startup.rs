@@ -29,10 +29,10 @@ pub enum StartError {
 /// Builds the configured backend (wrapped in the latency injector if a benchmark asks for it).
 pub async fn build_backend(settings: &Settings) -> Result<Arc<dyn Backend>, StartError> {
     let backend: Arc<dyn Backend> = match &settings.backend {
-        BackendSettings::Local(local) => Arc::new(backend::local::LocalBackend::open(
-            &local.current_key_file,
-            &local.decrypt_only_key_files,
-        )?),
+        BackendSettings::Local(local) => {
+            let (current, old) = (local.current_key_file.clone(), local.decrypt_only_key_files.clone());
+            Arc::new(off_thread(move || Ok(backend::local::LocalBackend::open(&current, &old)?)).await?)
+        }
         BackendSettings::Pkcs11(p) => {
             let pin = match (&p.pin_file, &p.pin_env) {
                 (Some(file), _) => backend::pkcs11::PinSource::File(file.clone()),
@@ -78,8 +78,14 @@ pub async fn build_backend(settings: &Settings) -> Result<Arc<dyn Backend>, Star
                     .map_err(StartError::Backend)?,
             )
         }
-        BackendSettings::Vault(v) => Arc::new(backend::vault::VaultBackend::new(v).map_err(StartError::Backend)?),
-        BackendSettings::Kmip(k) => Arc::new(backend::kmip::KmipBackend::new(k).map_err(StartError::Backend)?),
+        BackendSettings::Vault(v) => {
+            let v = v.clone();
+            Arc::new(off_thread(move || backend::vault::VaultBackend::new(&v).map_err(StartError::Backend)).await?)
+        }
+        BackendSettings::Kmip(k) => {
+            let k = k.clone();
+            Arc::new(off_thread(move || backend::kmip::KmipBackend::new(&k).map_err(StartError::Backend)).await?)
+        }
     };
     Ok(match settings.bench.backend_latency {
         Some(latency) => {
@@ -91,4 +97,15 @@ pub async fn build_backend(settings: &Settings) -> Result<Arc<dyn Backend>, Star
         }
         None => backend,
     })
+}
+
+/// Runs a backend constructor on tokio's blocking pool: it reads and parses files (root keys,
+/// PEMs, the system CA bundle), which must not hold up the async worker while a reload is
+/// built beside calls being served.
+async fn off_thread<T: Send + 'static>(
+    build: impl FnOnce() -> Result<T, StartError> + Send + 'static,
+) -> Result<T, StartError> {
+    tokio::task::spawn_blocking(build)
+        .await
+        .map_err(|e| StartError::Backend(e.to_string()))?
 }

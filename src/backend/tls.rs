@@ -1,6 +1,7 @@
 //! TLS client configuration shared by the network backends (Vault, KMIP): rustls with ring,
 //! certificate verification always on, a CA bundle or the system's roots, and an optional
-//! client certificate whose key file gets the same checks as any secret file.
+//! client certificate whose key file gets the same checks as any secret file. PEM files are
+//! read whole, within the cap on every file the configuration names.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,8 +18,8 @@ pub fn client_config(
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| format!("ca_file {}: {e}", path.display()))?
+            let pem = crate::secret_file::read_capped("ca_file", path)?;
+            let certs = CertificateDer::pem_slice_iter(&pem)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
             if certs.is_empty() {
@@ -42,8 +43,8 @@ pub fn client_config(
         .with_root_certificates(roots);
     match (client_cert_file, client_key_file) {
         (Some(cert), Some(key)) => {
-            let chain = CertificateDer::pem_file_iter(cert)
-                .map_err(|e| format!("client_cert_file {}: {e}", cert.display()))?
+            let pem = crate::secret_file::read_capped("client_cert_file", cert)?;
+            let chain = CertificateDer::pem_slice_iter(&pem)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| format!("client_cert_file {}: {e}", cert.display()))?;
             let policy = crate::secret_file::Policy {

@@ -314,7 +314,7 @@ impl Auth {
         let (path, mut body) = match &self.method {
             Method_::Token { file } => {
                 let stamp_before = stamp(file);
-                let secret = read_credential(file, 0o077, "token_file")?;
+                let secret = read_credential(file, 0o077, "token_file").await?;
                 state.token_file_stamp = stamp_before;
                 // Its lease, to renew it in time (a token without the lookup permission still
                 // works: it is then used until refused, and the file re-read).
@@ -354,7 +354,7 @@ impl Auth {
                 secret_id_file,
                 mount,
             } => {
-                let secret_id = read_credential(secret_id_file, 0o077, "secret_id_file")?;
+                let secret_id = read_credential(secret_id_file, 0o077, "secret_id_file").await?;
                 (
                     format!("auth/{mount}/login"),
                     json!({"role_id": role_id, "secret_id": secret_id.as_str()}),
@@ -362,7 +362,7 @@ impl Auth {
             }
             Method_::Jwt { role, jwt_file, mount } => {
                 // Projected service-account tokens are often mode 0644: refuse only writable ones.
-                let jwt = read_credential(jwt_file, 0o022, "jwt_file")?;
+                let jwt = read_credential(jwt_file, 0o022, "jwt_file").await?;
                 (
                     format!("auth/{mount}/login"),
                     json!({"role": role, "jwt": jwt.as_str()}),
@@ -415,7 +415,15 @@ fn wipe(body: &mut Value) {
     }
 }
 
-fn read_credential(path: &Path, deny_mode: u32, field: &str) -> Result<Zeroizing<String>, BackendError> {
+/// Reads a credential file on the blocking pool: a login runs while calls are being served.
+async fn read_credential(path: &Path, deny_mode: u32, field: &'static str) -> Result<Zeroizing<String>, BackendError> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || read_credential_now(&path, deny_mode, field))
+        .await
+        .map_err(|e| BackendError::new(ErrorKind::Transient, format!("vault backend.auth.{field}: {e}")))?
+}
+
+fn read_credential_now(path: &Path, deny_mode: u32, field: &str) -> Result<Zeroizing<String>, BackendError> {
     let policy = crate::secret_file::Policy {
         deny_mode,
         max_len: 64 * 1024,
