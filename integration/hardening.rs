@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -79,21 +81,28 @@ async fn legitimate_calls(plugin: &Plugin) -> Result<(), tonic::Status> {
 
 #[tokio::test]
 async fn slow_clients_cannot_starve_the_health_port() {
+    use std::sync::atomic::AtomicUsize;
     let dir = Dir::new();
     let plugin = Plugin::start(&dir.config(&dir.socket(), "root.key", &[], "")).await;
     let address = plugin.http_address().await;
-    // 128 connections that send half a request and stall; each is replaced as soon as the
-    // plugin closes it, for the whole test.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // 128 connections that send half a request, or nothing, and stall; each is replaced as soon
+    // as the plugin closes it, for the whole test.
+    let stop = Arc::new(AtomicBool::new(false));
+    let closed = Arc::new(AtomicUsize::new(0));
     let mut attackers = Vec::new();
-    for _ in 0..128 {
-        let (address, stop) = (address.clone(), stop.clone());
+    for i in 0..128 {
+        let (address, stop, closed) = (address.clone(), stop.clone(), closed.clone());
+        let head = b"GET /livez HTTP/1.1\r\nHost: x\r\n";
+        let half = &head[..if i % 2 == 0 { head.len() } else { 0 }];
         attackers.push(tokio::spawn(async move {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Relaxed) {
                 if let Ok(mut s) = tokio::net::TcpStream::connect(&address).await {
-                    let _ = s.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n").await;
+                    let _ = s.write_all(half).await;
                     let mut buf = [0u8; 64];
-                    let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+                    // The plugin closed a connection it had taken (no reply to half a request).
+                    if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                        closed.fetch_add(1, Relaxed);
+                    }
                 }
             }
         }));
@@ -116,11 +125,21 @@ async fn slow_clients_cannot_starve_the_health_port() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, Relaxed);
     for a in attackers {
         a.abort();
     }
     assert_eq!(failures, 0, "liveness probes failed under slow clients");
+    // The attackers really held the port: the plugin had to close hundreds of their connections.
+    let evicted = plugin
+        .metric("kms_plugin_http_connections_closed_total{reason=\"evicted\"}")
+        .await;
+    let closed = closed.load(Relaxed);
+    eprintln!("slow clients: {closed} connections closed by the plugin, {evicted} evicted");
+    assert!(
+        closed > 2 * 128 && evicted > 128.0,
+        "{closed} closed, {evicted} evicted"
+    );
     plugin.stop().await;
 }
 
@@ -776,6 +795,119 @@ async fn another_uids_flood_of_waiting_decrypts_never_holds_our_calls() {
         report.contains("ResourceExhausted"),
         "{report}\n{}",
         String::from_utf8_lossy(&output.stderr)
+    );
+    plugin.stop().await;
+}
+
+/// A silent connection to `address`, replaced whenever the plugin closes it, until `stop`; returns
+/// how many the plugin closed (only a connection it accepted can be).
+async fn hold_silent(address: String, stop: Arc<AtomicBool>) -> usize {
+    let mut closed = 0;
+    while !stop.load(Relaxed) {
+        let Ok(mut s) = tokio::net::TcpStream::connect(&address).await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        while !stop.load(Relaxed) {
+            // The plugin answers nothing unasked: a read ends only when it closes the connection.
+            match tokio::time::timeout(Duration::from_millis(100), s.read(&mut [0u8; 1])).await {
+                Err(_) => continue,
+                Ok(Ok(0) | Err(_)) => closed += 1,
+                Ok(Ok(_)) => {}
+            }
+            break;
+        }
+    }
+    closed
+}
+
+/// Connects to `address` and hangs up at once (a reset: no TIME_WAIT left behind), as fast as it
+/// can until `stop`; returns how many connections it made.
+fn churn(address: &str, stop: &AtomicBool) -> usize {
+    let mut made = 0;
+    while !stop.load(Relaxed) {
+        if let Ok(s) = std::net::TcpStream::connect(address) {
+            let _ = rustix::net::sockopt::set_socket_linger(&s, Some(Duration::ZERO));
+            made += 1;
+        }
+    }
+    made
+}
+
+/// A kubelet's readiness probe on a busy node: connect, wait `delay`, `GET /readyz`; Ok for a
+/// 200 (with a generous timeout: a loaded test machine must not make it flaky).
+fn slow_probe(address: &str, delay: Duration) -> Result<Duration, String> {
+    use std::io::{Read, Write};
+    let started = Instant::now();
+    let address = address.parse().unwrap();
+    let mut s =
+        std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    std::thread::sleep(delay);
+    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
+    match out.starts_with("HTTP/1.1 200") {
+        true => Ok(started.elapsed()),
+        false => Err(format!("answer: {out:?}")),
+    }
+}
+
+#[tokio::test]
+async fn health_probes_survive_a_connection_churn_and_held_silent_sockets() {
+    const MAX_CONNECTIONS: usize = 64;
+    let dir = Dir::new();
+    let plugin = Plugin::start(&dir.config(&dir.socket(), "root.key", &[], "")).await;
+    let address = plugin.http_address().await;
+    eventually("ready", || async { plugin.http_get("/readyz").await.0 == 200 }).await;
+    // Half again as many silent connections as the plugin keeps, and a connect-and-drop churn.
+    let stop = Arc::new(AtomicBool::new(false));
+    let holders: Vec<_> = (0..MAX_CONNECTIONS * 3 / 2)
+        .map(|_| tokio::spawn(hold_silent(address.clone(), stop.clone())))
+        .collect();
+    let churned = {
+        let (address, stop) = (address.clone(), stop.clone());
+        tokio::task::spawn_blocking(move || churn(&address, &stop))
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // 40 probes, each sending its request 5-20 ms after connecting.
+    let probes = {
+        let address = address.clone();
+        tokio::task::spawn_blocking(move || {
+            let (mut failures, mut slowest) = (Vec::new(), Duration::ZERO);
+            for i in 0..40u64 {
+                let delay = Duration::from_millis(5 + i * 7 % 16);
+                match slow_probe(&address, delay) {
+                    Ok(took) => slowest = slowest.max(took),
+                    Err(e) => failures.push(format!("probe {i} (request after {delay:?}): {e}")),
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (failures, slowest)
+        })
+    };
+    let (failures, slowest) = probes.await.unwrap();
+    stop.store(true, Relaxed);
+    let churned = churned.await.unwrap();
+    let mut closed = 0;
+    for h in holders {
+        closed += h.await.unwrap();
+    }
+    let evicted = plugin
+        .metric("kms_plugin_http_connections_closed_total{reason=\"evicted\"}")
+        .await;
+    eprintln!("slowest probe {slowest:?}; {churned} churned, {closed} held connections closed, {evicted} evicted");
+    assert!(
+        failures.is_empty(),
+        "{} of 40 probes failed: {failures:#?}",
+        failures.len()
+    );
+    // The attack landed: the plugin accepted, then closed, many held connections, and it closed
+    // them to make room (only a full table evicts).
+    assert!(
+        closed > MAX_CONNECTIONS && evicted > MAX_CONNECTIONS as f64,
+        "{closed} held connections closed, {evicted} evicted"
     );
     plugin.stop().await;
 }

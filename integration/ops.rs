@@ -42,9 +42,11 @@ async fn metrics_and_health_endpoints() {
         "kms_plugin_root_key_revoked 0",
         &format!("kms_plugin_key_id_info{{key_id_hash=\"{hash}\"}} 1"),
         "kms_plugin_build_info{version=",
+        "kms_plugin_http_connections_waited_total 0",
     ] {
         assert!(m.contains(needle), "missing {needle:?} in\n{m}");
     }
+    assert!(m.ends_with("\n# EOF\n") && m.matches("# EOF").count() == 1, "{m}");
     plugin.stop().await;
 }
 

@@ -8,9 +8,9 @@
 //!
 //! Any local process can connect to a loopback port, so the endpoint must not be starvable:
 //! it runs on its own thread (a `/metrics` flood cannot slow the gRPC calls), every connection
-//! serves one request and gets [`CONNECTION_DEADLINE`] for all of it, and when
-//! [`MAX_CONNECTIONS`] are open the oldest is closed to admit the new one, so slow or silent
-//! clients cannot lock the kubelet's probe out.
+//! serves one request and gets [`CONNECTION_DEADLINE`] for all of it, and at most
+//! [`MAX_CONNECTIONS`] are open, admitted as [`super::admission`] explains: a connection whose
+//! request has begun, or that is younger than a short grace, is never closed to make room.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,9 +22,10 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
+use super::admission::{self, Counters, HEAD_DEADLINE, Sent, Table, Ticket};
 use crate::keys::Keys;
 
 /// State the endpoint reads.
@@ -52,28 +53,41 @@ fn not_ready(keys: &Keys) -> Option<String> {
     }
 }
 
-fn respond(endpoint: &Endpoint, path: &str) -> Response<Full<Bytes>> {
+/// The endpoint and the registry of its own connection counters.
+struct Served {
+    endpoint: Arc<Endpoint>,
+    connections: Registry,
+}
+
+/// All metrics: the plugin's, then the endpoint's own.
+fn encode_metrics(served: &Served) -> Result<String, std::fmt::Error> {
+    use prometheus_client::encoding::text::{encode_eof, encode_registry};
+    let mut text = String::new();
+    encode_registry(&mut text, &served.endpoint.registry)?;
+    encode_registry(&mut text, &served.connections)?;
+    encode_eof(&mut text)?;
+    Ok(text)
+}
+
+fn respond(served: &Served, path: &str) -> Response<Full<Bytes>> {
     let (code, body, content_type) = match path {
         "/livez" => (StatusCode::OK, "ok\n".to_string(), "text/plain"),
-        "/readyz" | "/healthz" => match not_ready(&endpoint.keys) {
+        "/readyz" | "/healthz" => match not_ready(&served.endpoint.keys) {
             None => (StatusCode::OK, "ok\n".to_string(), "text/plain"),
             Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"), "text/plain"),
         },
-        "/metrics" => {
-            let mut text = String::new();
-            match prometheus_client::encoding::text::encode(&mut text, &endpoint.registry) {
-                Ok(()) => (
-                    StatusCode::OK,
-                    text,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-                Err(_) => (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "encoding failed\n".into(),
-                    "text/plain",
-                ),
-            }
-        }
+        "/metrics" => match encode_metrics(served) {
+            Ok(text) => (
+                StatusCode::OK,
+                text,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            ),
+            Err(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "encoding failed\n".into(),
+                "text/plain",
+            ),
+        },
         _ => (StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
@@ -90,13 +104,22 @@ pub async fn bind(address: SocketAddr) -> std::io::Result<std::net::TcpListener>
     if !address.ip().is_loopback() {
         warn!(%address, "metrics/health endpoint is not on a loopback address");
     }
-    let listener = tokio::net::TcpListener::bind(address).await?.into_std()?;
-    Ok(listener)
+    let socket = match address {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)?.into_std()
 }
 
-/// Most concurrent HTTP connections; at the limit the oldest is closed for the new one.
-pub const MAX_CONNECTIONS: usize = 64;
-/// The whole life of one connection: headers in, one response out.
+/// Connections the kernel queues for the accept loop (capped by `net.core.somaxconn`). While
+/// every slot is protected the loop waits and newcomers queue here, so it must hold what a
+/// flood sends during one grace: the default 128 would drop SYNs (a 1 s retry for the probe).
+const LISTEN_BACKLOG: u32 = 4096;
+
+pub use super::admission::MAX_CONNECTIONS;
+/// The whole life of one connection: silence, headers in, one response out.
 pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(1);
 
 /// The endpoint's thread; stopped (and joined) by [`HttpServer::stop`].
@@ -118,8 +141,12 @@ impl HttpServer {
                         Ok(l) => l,
                         Err(e) => return warn!(error = %e, "metrics endpoint could not start"),
                     };
+                    let counters = Counters::default();
+                    let mut connections = Registry::with_prefix("kms_plugin");
+                    counters.register(&mut connections);
+                    let served = Arc::new(Served { endpoint, connections });
                     tokio::select! {
-                        _ = serve(listener, endpoint) => {}
+                        _ = serve(listener, served, counters) => {}
                         _ = stopped => {}
                     }
                 })
@@ -134,8 +161,8 @@ impl HttpServer {
     }
 }
 
-async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>) {
-    let mut open: std::collections::VecDeque<tokio::task::AbortHandle> = Default::default();
+async fn serve(listener: TcpListener, served: Arc<Served>, counters: Counters) {
+    let mut table = Table::new(counters.clone());
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
@@ -145,33 +172,52 @@ async fn serve(listener: TcpListener, endpoint: Arc<Endpoint>) {
                 continue;
             }
         };
-        open.retain(|task| !task.is_finished());
-        if open.len() >= MAX_CONNECTIONS
-            && let Some(oldest) = open.pop_front()
-        {
-            oldest.abort();
-            debug!("metrics endpoint full; closed the oldest connection");
+        if admission::sent(&stream) == Sent::Closed {
+            continue;
         }
-        let endpoint = Arc::clone(&endpoint);
-        let task = tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = respond(&endpoint, req.uri().path());
-                async move { Ok::<_, std::convert::Infallible>(resp) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(CONNECTION_DEADLINE)
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(CONNECTION_DEADLINE, conn).await {
-                Ok(Err(e)) => debug!(%peer, error = %e, "metrics connection ended with an error"),
-                Err(_) => debug!(%peer, "metrics connection took too long; closed"),
-                Ok(Ok(())) => {}
-            }
+        // With every slot protected, this connection waits here, and those behind it in the
+        // kernel's queue: none is closed, and none whose request began is evicted.
+        table.make_room().await;
+        let began = admission::sent(&stream) == Sent::Request;
+        table.admit(began, |ticket| {
+            let connection = connection(stream, peer, ticket, Arc::clone(&served), counters.clone());
+            tokio::spawn(connection).abort_handle()
         });
-        open.push_back(task.abort_handle());
-        // Let the new connection's task read its request before the next accept: a burst of
-        // connections must not evict it before it was ever polled.
+        // Let the new connection's task run before the next accept.
         tokio::task::yield_now().await;
+    }
+}
+
+/// Serves one connection, within its deadlines.
+async fn connection(stream: TcpStream, peer: SocketAddr, ticket: Ticket, served: Arc<Served>, counters: Counters) {
+    let serve = async {
+        // Hyper's head deadline starts once the request begins; until then the connection is
+        // silent, and only the table may close it.
+        if stream.peek(&mut [0u8; 1]).await.unwrap_or(0) == 0 {
+            return Ok(());
+        }
+        ticket.request_began();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let resp = respond(&served, req.uri().path());
+            async move { Ok::<_, std::convert::Infallible>(resp) }
+        });
+        hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(HEAD_DEADLINE)
+            .keep_alive(false)
+            .serve_connection(TokioIo::new(stream), service)
+            .await
+    };
+    match tokio::time::timeout(CONNECTION_DEADLINE, serve).await {
+        Ok(Err(e)) if e.is_timeout() => {
+            counters.closed("deadline");
+            debug!(%peer, "metrics connection sent no whole request in time; closed")
+        }
+        Ok(Err(e)) => debug!(%peer, error = %e, "metrics connection ended with an error"),
+        Err(_) => {
+            counters.closed("deadline");
+            debug!(%peer, "metrics connection took too long; closed")
+        }
+        Ok(Ok(())) => {}
     }
 }
