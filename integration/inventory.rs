@@ -227,7 +227,7 @@ async fn counts_verify_and_retirement_over_a_realistic_mix() {
     // --require-retirable, in both forms: objects remain under k1.
     let hash1 = KeyIdHash(&k1).to_string();
     for form in [&k1, &hash1] {
-        let (code, doc) = json(&etcd, &["--require-retirable", form]);
+        let (code, doc) = json(&etcd, &["--provider", p, "--require-retirable", form]);
         assert_eq!(code, 2, "{doc}");
         let r = &doc["require_retirable"];
         assert_eq!(
@@ -241,18 +241,18 @@ async fn counts_verify_and_retirement_over_a_realistic_mix() {
     for (k, _) in puts.iter().filter(|(k, _)| k.contains("/old-")) {
         etcd.put(k.as_bytes(), &kms_v2_value(p, &c[1])).await;
     }
-    let (code, table, _) = inventory(&etcd, &["--require-retirable", &hash1]);
+    let (code, table, _) = inventory(&etcd, &["--provider", p, "--require-retirable", &hash1]);
     assert_eq!(code, 0, "{table}");
     assert!(
         table.contains(&format!("--require-retirable {hash1}")) && table.contains("retirable, no object"),
         "{table}"
     );
-    let (code, doc) = json(&etcd, &["--require-retirable", &k1]);
+    let (code, doc) = json(&etcd, &["--provider", p, "--require-retirable", &k1]);
     assert_eq!(code, 0);
     assert!(doc["key_ids"].get(&k1).is_none());
     assert_eq!(doc["require_retirable"]["key_id_hash"], hash1.as_str());
     // k2 still holds objects.
-    let (code, _, _) = inventory(&etcd, &["--require-retirable", &k2]);
+    let (code, _, _) = inventory(&etcd, &["--provider", p, "--require-retirable", &k2]);
     assert_eq!(code, 2);
 }
 
@@ -561,10 +561,26 @@ async fn huge_and_hostile_names_are_cut_and_escaped_but_counted_in_full() {
         "{unknown}"
     );
 
-    // --require-retirable finds the full key_id by its hash and shows it cut.
+    // --require-retirable finds the full key_id by its hash and shows it cut. The provider
+    // name (too long for a command line) comes from an EncryptionConfiguration.
+    let encryption = dir.path("encryption-config.json");
+    std::fs::write(
+        &encryption,
+        serde_json::json!({"kind": "EncryptionConfiguration", "resources": [{"resources": ["secrets"],
+            "providers": [{"kms": {"apiVersion": "v2", "name": provider}}]}]})
+        .to_string(),
+    )
+    .unwrap();
+    let encryption = encryption.to_str().unwrap();
     let (code, out, _) = inventory(
         &etcd,
-        &["--json", "--require-retirable", &KeyIdHash(&id('2')).to_string()],
+        &[
+            "--json",
+            "--encryption-config",
+            encryption,
+            "--require-retirable",
+            &KeyIdHash(&id('2')).to_string(),
+        ],
     );
     assert_eq!(code, 2);
     assert!(out.len() < 20_000);
@@ -576,12 +592,153 @@ async fn huge_and_hostile_names_are_cut_and_escaped_but_counted_in_full() {
             .unwrap()
             .contains("…(100,000 bytes")
     );
-    // Verdicts compare full values: by the full key_id (1 object), and a key_id shown alike (same
-    // first bytes and length) that no object names.
-    let (code, out, _) = inventory(&etcd, &["--require-retirable", &id('1')]);
+    // Verdicts compare full values: by the full key_id's hash (1 object), and a key_id shown
+    // alike (same first bytes and length) that no object names.
+    let hash = |c: char| KeyIdHash(&id(c)).to_string();
+    let (code, out, _) = inventory(
+        &etcd,
+        &["--encryption-config", encryption, "--require-retirable", &hash('1')],
+    );
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("objects: NOT retirable") && out.len() < 20_000, "{out}");
-    let (code, out, _) = inventory(&etcd, &["--require-retirable", &id('3')]);
+    let (code, out, _) = inventory(
+        &etcd,
+        &["--encryption-config", encryption, "--require-retirable", &hash('3')],
+    );
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("0 objects: retirable"), "{out}");
+    assert!(
+        out.contains("0 objects: retirable") && out.contains("never seen"),
+        "{out}"
+    );
+    // Such a key_id is not this plugin's form: refused, never judged.
+    let (code, _, err) = inventory(
+        &etcd,
+        &["--encryption-config", encryption, "--require-retirable", &id('1')],
+    );
+    assert_eq!(code, 1, "{err}");
+}
+
+/// `--require-retirable` fails closed: every near miss of a key_id is refused, and a scan that
+/// found nothing of the provider (wrong prefix, wrong provider, empty etcd) is no verdict.
+#[tokio::test]
+async fn the_retirement_verdict_fails_closed() {
+    let dir = Dir::new();
+    let etcd = Etcd::start(&dir).await;
+    let socket = dir.socket();
+    let old = dir.config(&socket, "root-1.key", &[], "");
+    let rotated = dir.config(&socket, "root-2.key", &["root-1.key"], "");
+    let new_only = dir.config(&socket, "root-2.key", &[], "");
+    let (k1, a) = seeds(&old, 1).await;
+    let (k2, _) = seeds(&rotated, 1).await;
+    let p = "kms-plugin";
+    for i in 0..3 {
+        etcd.put(
+            format!("/registry/secrets/default/s-{i}").as_bytes(),
+            &kms_v2_value(p, &a[0]),
+        )
+        .await;
+    }
+    etcd.put(b"/registry/secrets/default/plain", b"k8s\0\n\x02").await;
+    etcd.put(
+        b"/registry/configmaps/default/other",
+        &kms_v2_value("someone-else", &a[0]),
+    )
+    .await;
+    let hash1 = KeyIdHash(&k1).to_string();
+    let hex1 = hash1.strip_prefix("sha256:").unwrap();
+
+    // Near misses: refused, naming the accepted forms.
+    for bad in [
+        hex1.to_string(),
+        format!("SHA256:{}", hex1.to_uppercase()),
+        "sha256:deadbeef".to_string(),
+        format!(" {k1}"),
+    ] {
+        let (code, out, err) = inventory(&etcd, &["--provider", p, "--require-retirable", &bad]);
+        assert_eq!(code, 1, "{bad:?}: {out}{err}");
+        assert!(err.contains("sha256: followed by 64 lowercase hex digits"), "{err}");
+    }
+    // No provider named: no verdict possible.
+    let (code, _, err) = inventory(&etcd, &["--require-retirable", &k1]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--provider"), "{err}");
+
+    // The exact key_id, in both forms, with the prefix missing its slash: objects remain.
+    for form in [&k1, &hash1] {
+        let (code, out, _) = inventory(
+            &etcd,
+            &["--prefix", "/registry", "--provider", p, "--require-retirable", form],
+        );
+        assert_eq!(code, 2, "{out}");
+        assert!(out.contains("4 objects: NOT retirable"), "{out}");
+        assert!(
+            out.lines()
+                .last()
+                .unwrap()
+                .starts_with("next: run `kms-plugin migrate`"),
+            "{out}"
+        );
+    }
+    // Unencrypted objects and other providers' objects are listed by key.
+    let (_, out, _) = inventory(&etcd, &["--provider", p, "--require-retirable", &k1]);
+    assert!(
+        out.contains("not encrypted: 1") && out.contains("/registry/secrets/default/plain"),
+        "{out}"
+    );
+    assert!(out.contains("/registry/configmaps/default/other"), "{out}");
+
+    // Nothing of the provider under the prefix: exit 4, saying what was found instead.
+    let (code, out, _) = inventory(
+        &etcd,
+        &["--prefix", "/registy/", "--provider", p, "--require-retirable", &k1],
+    );
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("NO VERDICT") && out.contains("0 keys read"), "{out}");
+    // A wrong provider name: a key with objects stays NOT retirable (2); one without is no
+    // verdict (4), and the report names the providers it did see.
+    let (code, out, _) = inventory(&etcd, &["--provider", "kms-plugn", "--require-retirable", &k1]);
+    assert_eq!(code, 2, "{out}");
+    let (code, out, _) = inventory(&etcd, &["--provider", "kms-plugn", "--require-retirable", &k2]);
+    assert_eq!(code, 4, "{out}");
+    assert!(
+        out.contains("kms-plugin (3)") && out.contains("someone-else (1)"),
+        "{out}"
+    );
+    let empty = Etcd::start(&dir).await;
+    let (code, out, _) = inventory(&empty, &["--provider", p, "--require-retirable", &k1]);
+    assert_eq!(code, 4, "{out}");
+    let (code, doc) = json(&empty, &["--provider", p, "--require-retirable", &hash1]);
+    assert_eq!((code, &doc["require_retirable"]["verdict"]), (4, &"no_evidence".into()));
+
+    // A key_id no object names: retirable, and said to be never seen.
+    let (code, out, _) = inventory(&etcd, &["--provider", p, "--require-retirable", &k2]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("never seen"), "{out}");
+    // With --config: the current key is never retirable, even with no object under it, and a
+    // decrypt-only key is said to be still configured.
+    let new_only = new_only.to_str().unwrap();
+    let (code, out, _) = inventory(
+        &etcd,
+        &["--config", new_only, "--provider", p, "--require-retirable", &k2],
+    );
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("the CURRENT key of this configuration"), "{out}");
+    let (code, out, _) = inventory(
+        &etcd,
+        &[
+            "--config",
+            rotated.to_str().unwrap(),
+            "--provider",
+            p,
+            "--require-retirable",
+            &k1,
+        ],
+    );
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("still named by this configuration"), "{out}");
+    let (_, out, _) = inventory(
+        &etcd,
+        &["--config", new_only, "--provider", p, "--require-retirable", &k1],
+    );
+    assert!(out.contains("not named by this configuration"), "{out}");
 }

@@ -57,19 +57,28 @@ enum Command {
     },
     /// Read etcd (read-only) and report what is stored under which keys, and whether a root
     /// key may be retired. Exit 0 ok, 1 error, 2 --require-retirable key still has objects,
-    /// 3 --verify found objects that do not open.
+    /// 3 --verify found objects that do not open, 4 --require-retirable found no object of
+    /// the provider at all (no verdict).
     Inventory {
         #[command(flatten)]
         etcd: EtcdArgs,
         /// Open every distinct seed with the configured backend (needs --config).
         #[arg(long, requires = "config")]
         verify: bool,
-        /// The configuration `serve` uses (for --verify).
-        #[arg(long, value_name = "FILE", requires = "verify")]
+        /// The configuration `serve` uses: its keys are resolved as `serve` does (for --verify,
+        /// and to say whether --require-retirable's key is still configured).
+        #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// Exit 2 unless no object is stored under this key_id (plugin form or sha256:<hex>).
+        /// Exit 2 unless no object is stored under this key_id: the plugin's form (as `status`
+        /// prints it) or sha256:<64 lowercase hex>. Needs --provider or --encryption-config.
         #[arg(long, value_name = "KEY_ID")]
         require_retirable: Option<String>,
+        /// The KMS v2 provider name (EncryptionConfiguration `kms.name`) whose objects count.
+        #[arg(long, value_name = "NAME", conflicts_with = "encryption_config")]
+        provider: Option<String>,
+        /// The apiservers' EncryptionConfiguration, to read the provider name from.
+        #[arg(long, value_name = "FILE")]
+        encryption_config: Option<PathBuf>,
         /// One JSON document on stdout instead of the table.
         #[arg(long)]
         json: bool,
@@ -146,6 +155,50 @@ impl EtcdArgs {
     }
 }
 
+/// `inventory`'s arguments, checked.
+struct InventoryArgs {
+    etcd: EtcdArgs,
+    verify: bool,
+    config: Option<PathBuf>,
+    require_retirable: Option<String>,
+    provider: Option<String>,
+    encryption_config: Option<PathBuf>,
+    json: bool,
+}
+
+fn inventory_options(a: InventoryArgs) -> Result<kms_plugin::inventory::Options, String> {
+    let provider = match (a.provider, &a.encryption_config) {
+        (Some(p), _) => Some(p),
+        (None, Some(file)) => Some(
+            kms_plugin::migrate::encryption_config::EncryptionConfig::read(file)?
+                .provider(None)
+                .map_err(|e| format!("--encryption-config {}: {e}", file.display()))?,
+        ),
+        (None, None) => None,
+    };
+    let require_retirable = a
+        .require_retirable
+        .as_deref()
+        .map(kms_plugin::inventory::key_id::parse)
+        .transpose()?;
+    if require_retirable.is_some() && provider.is_none() {
+        return Err(
+            "--require-retirable needs the provider whose objects count: --provider NAME (the EncryptionConfiguration's kms.name) or --encryption-config FILE"
+                .into(),
+        );
+    }
+    Ok(kms_plugin::inventory::Options {
+        connection: a.etcd.connection(),
+        prefix: a.etcd.prefix.clone(),
+        config: a.config.as_deref().map(|c| load(Some(c))).transpose()?,
+        verify: a.verify,
+        require_retirable,
+        provider,
+        json: a.json,
+        page_size: a.etcd.page_size,
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Before any key material is read, whatever the subcommand: no core file may hold it.
@@ -162,25 +215,22 @@ fn main() -> ExitCode {
         Command::Status { socket, timeout } => runtime(1).block_on(status(&socket, timeout)),
         Command::Inventory {
             etcd,
-            verify: _,
+            verify,
             config,
             require_retirable,
+            provider,
+            encryption_config,
             json,
         } => {
-            // `--verify` requires `--config` and the other way round, so `config` says both.
-            let options =
-                config
-                    .as_deref()
-                    .map(|c| load(Some(c)))
-                    .transpose()
-                    .map(|verify| kms_plugin::inventory::Options {
-                        connection: etcd.connection(),
-                        prefix: etcd.prefix.clone(),
-                        verify,
-                        require_retirable,
-                        json,
-                        page_size: etcd.page_size,
-                    });
+            let options = inventory_options(InventoryArgs {
+                etcd,
+                verify,
+                config,
+                require_retirable,
+                provider,
+                encryption_config,
+                json,
+            });
             return match options.and_then(|o| runtime(1).block_on(kms_plugin::inventory::run(o))) {
                 Ok(code) => ExitCode::from(code),
                 Err(msg) => {

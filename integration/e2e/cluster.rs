@@ -509,6 +509,13 @@ impl Cluster {
         plugin_command(&all)
     }
 
+    /// `inventory --require-retirable key_id`, the provider read from the cluster's
+    /// EncryptionConfiguration as an operator gives it: (exit code, stdout).
+    pub fn retirable(&self, key_id: &str) -> (i32, String) {
+        let config = self.dir.path("encryption-config.yaml").display().to_string();
+        self.inventory(&["--encryption-config", &config, "--require-retirable", key_id])
+    }
+
     /// Waits until the apiserver reports `key_id`'s hash for the provider; returns how long.
     pub async fn wait_apiserver_key_id(&self, key_id: &str, limit: Duration) -> Duration {
         let want = key_id_hash(key_id);

@@ -98,7 +98,7 @@ async fn a_live_rotation_is_seen_by_the_apiserver_and_a_rewrite_retires_the_old_
     let marker = rand_hex(8);
     create_secrets(&cluster.apiserver.client, "old", &marker, 30).await;
     let old = cluster.key_id().await;
-    let (code, report) = cluster.inventory(&["--require-retirable", &old]);
+    let (code, report) = cluster.retirable(&old);
     assert_eq!(code, 2, "objects are still under the old key:\n{report}");
 
     // Rotation by live reload: no restart; the old key stays configured decrypt-only.
@@ -122,14 +122,14 @@ async fn a_live_rotation_is_seen_by_the_apiserver_and_a_rewrite_retires_the_old_
     );
     check_secrets(&cluster.apiserver.client, "old", &marker, 30).await;
 
-    let (code, report) = cluster.inventory(&["--require-retirable", &old]);
+    let (code, report) = cluster.retirable(&old);
     assert_eq!(code, 2, "rotation alone rewrites nothing:\n{report}");
     let rewritten = rewrite_secrets(&cluster.apiserver.client).await;
     assert!(rewritten >= 30);
     let (code, report) = cluster.inventory(&["--json"]);
     assert_eq!(code, 0, "{report}");
     assert!(!report.contains(&old), "the old key_id still has objects:\n{report}");
-    let (code, report) = cluster.inventory(&["--require-retirable", &old]);
+    let (code, report) = cluster.retirable(&old);
     assert_eq!(code, 0, "{report}");
     check_secrets(&cluster.apiserver.client, "old", &marker, 30).await;
 }

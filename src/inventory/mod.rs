@@ -5,6 +5,7 @@
 
 pub mod etcd;
 pub mod format;
+pub mod key_id;
 pub mod report;
 pub mod shown;
 
@@ -24,6 +25,8 @@ pub const EXIT_OK: u8 = 0;
 pub const EXIT_ERROR: u8 = 1;
 pub const EXIT_NOT_RETIRABLE: u8 = 2;
 pub const EXIT_VERIFY_FAILED: u8 = 3;
+/// `--require-retirable`: the scan found no KMS v2 object of the provider, so no verdict.
+pub const EXIT_NO_EVIDENCE: u8 = 4;
 
 /// Progress goes to stderr this often.
 const PROGRESS_EVERY: u64 = 10_000;
@@ -32,9 +35,13 @@ const PROGRESS_EVERY: u64 = 10_000;
 pub struct Options {
     pub connection: etcd::Connection,
     pub prefix: String,
-    /// `--verify --config FILE`: open every distinct seed with this configuration.
-    pub verify: Option<Settings>,
-    pub require_retirable: Option<String>,
+    /// `--config FILE`: the configuration `serve` uses; its keys are resolved as `serve` does.
+    pub config: Option<Settings>,
+    /// `--verify`: open every distinct seed with `config`.
+    pub verify: bool,
+    pub require_retirable: Option<key_id::Wanted>,
+    /// The KMS v2 provider whose objects `--require-retirable` judges.
+    pub provider: Option<String>,
     pub json: bool,
     /// KVs per etcd Range.
     pub page_size: i64,
@@ -92,36 +99,28 @@ fn reason(e: &Error) -> String {
 
 /// Runs the scan and prints the report; returns the exit code.
 pub async fn run(options: Options) -> Result<u8, String> {
-    let verifier = match &options.verify {
-        Some(settings) => {
-            let backend = crate::startup::build_backend(settings)
-                .await
-                .map_err(|e| e.to_string())?;
-            let keys = Keys::new(
-                backend,
-                settings.policy(),
-                settings.kek.cache_capacity,
-                settings.probe.max_outage,
-            );
-            Some(Verifier {
-                keys,
-                seen: HashMap::new(),
-                opened: 0,
-            })
-        }
+    let keys = match &options.config {
+        Some(settings) => Some(resolve(settings).await?),
         None => None,
     };
-    let mut verifier = verifier;
+    let mut verifier = match (&keys, options.verify) {
+        (Some(keys), true) => Some(Verifier {
+            keys: Arc::clone(keys),
+            seen: HashMap::new(),
+            opened: 0,
+        }),
+        _ => None,
+    };
+    let prefix = normalise_prefix(&options.prefix);
     let client = etcd::connect(&options.connection).await?;
-    let prefix = options.prefix.as_bytes();
-    let mut pager = etcd::Pager::new(client, prefix, options.page_size);
-    let mut report = Report::new(&options.prefix, verifier.is_some());
+    let mut pager = etcd::Pager::new(client, prefix.as_bytes(), options.page_size);
+    let mut report = Report::new(&prefix, verifier.is_some(), options.provider.as_deref());
     let mut next_progress = PROGRESS_EVERY;
     while let Some(page) = pager.next_page().await? {
         for kv in page {
             let key = String::from_utf8_lossy(&kv.key);
-            let resource =
-                format::resource(prefix, &kv.key).map_or_else(String::new, |r| String::from_utf8_lossy(r).into_owned());
+            let resource = format::resource(prefix.as_bytes(), &kv.key)
+                .map_or_else(String::new, |r| String::from_utf8_lossy(r).into_owned());
             let stored = format::parse(&kv.value);
             let opened = match (&stored, verifier.as_mut()) {
                 (Stored::KmsV2 { object, .. }, Some(v)) => Some(v.open(object).await?),
@@ -136,17 +135,61 @@ pub async fn run(options: Options) -> Result<u8, String> {
     }
     report.revision = pager.revision();
     report.seeds_opened = verifier.as_ref().map_or(0, |v| v.opened);
-    report.finish(options.require_retirable.as_deref());
+    report.finish(options.require_retirable.as_ref());
+    if let (Some(keys), Some(wanted)) = (&keys, &options.require_retirable) {
+        // The full key_id: as given, or from an object that names the hash.
+        let full = match wanted {
+            key_id::Wanted::KeyId(id) => Some(id.clone()),
+            key_id::Wanted::Hash(_) => report
+                .key_ids
+                .values()
+                .find(|k| wanted.matches(&k.key_id, &k.key_id_hash))
+                .map(|k| k.key_id.clone()),
+        };
+        let current = keys
+            .current()
+            .is_some_and(|c| wanted.matches(c.key_id(), &crate::logging::KeyIdHash(c.key_id()).to_string()));
+        report.configured(full.map(|id| keys.backend().knows(&id)), current);
+    }
     if options.json {
         println!("{}", report.to_json());
     } else {
         print!("{}", report.to_table());
     }
     Ok(match &report.require_retirable {
+        Some(r) if r.verdict == report::Verdict::NoEvidence => EXIT_NO_EVIDENCE,
         Some(r) if !r.retirable => EXIT_NOT_RETIRABLE,
         _ if report.verify_failures() > 0 => EXIT_VERIFY_FAILED,
         _ => EXIT_OK,
     })
+}
+
+/// Builds the configured backend and resolves its keys as `serve` does at start (KMIP and AWS
+/// learn their key_ids only from the server): a backend that cannot answer now is an error,
+/// never a verdict.
+async fn resolve(settings: &Settings) -> Result<Arc<Keys>, String> {
+    let backend = crate::startup::build_backend(settings)
+        .await
+        .map_err(|e| e.to_string())?;
+    let keys = Keys::new(
+        backend,
+        settings.policy(),
+        settings.kek.cache_capacity,
+        settings.probe.max_outage,
+    );
+    keys.check_and_rotate()
+        .await
+        .map_err(|e| format!("--config: the backend cannot answer now ({e}); nothing was judged, run again"))?;
+    Ok(keys)
+}
+
+/// `--prefix` as etcd keys start: with its trailing slash (`/registry` would also match
+/// `/registryX/…`, and names nothing the apiserver writes).
+pub fn normalise_prefix(prefix: &str) -> String {
+    match prefix.ends_with('/') {
+        true => prefix.to_string(),
+        false => format!("{prefix}/"),
+    }
 }
 
 /// `--endpoints a,b` as a list.

@@ -9,6 +9,7 @@ use ring::digest;
 use serde::Serialize;
 
 use super::format::{EncryptedObject, Stored};
+use super::key_id::Wanted;
 use super::shown::{self, shown};
 use crate::contract::KEK_ANNOTATION;
 use crate::logging::KeyIdHash;
@@ -79,6 +80,19 @@ pub struct KeyId {
     keks: HashSet<[u8; 32]>,
 }
 
+/// `--require-retirable`'s answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// No object under the key, among objects of the expected provider.
+    Retirable,
+    /// Objects remain under it (or the configuration still writes with it).
+    NotRetirable,
+    /// The scan found no KMS v2 object of the expected provider: wrong etcd, prefix or
+    /// provider name, so it proves nothing.
+    NoEvidence,
+}
+
 /// The verdict `--require-retirable` asked for (its strings as [`shown`]).
 #[derive(Serialize)]
 pub struct Required {
@@ -88,6 +102,12 @@ pub struct Required {
     pub key_id: Option<String>,
     pub key_id_hash: String,
     pub objects: u64,
+    /// No object in etcd names this key_id at all.
+    pub never_seen: bool,
+    /// With `--config`: whether that configuration still names the key, and as what.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub configured: Option<String>,
+    pub verdict: Verdict,
     pub retirable: bool,
 }
 
@@ -106,8 +126,19 @@ pub struct Report {
     #[serde(serialize_with = "shown::keys")]
     pub key_ids: BTreeMap<String, KeyId>,
     pub unknown: KeyList,
+    /// The KMS v2 provider `--require-retirable` judges (`--provider` or the
+    /// EncryptionConfiguration), and its objects.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "shown::option")]
+    pub provider: Option<String>,
+    pub provider_objects: u64,
+    /// With a provider: objects stored in the clear, and those of other encryption or other
+    /// KMS v2 providers (first [`LISTED`] keys each).
+    pub not_encrypted: KeyList,
+    pub other_encryption: KeyList,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub require_retirable: Option<Required>,
+    /// One line: what to do next.
+    pub next: String,
 }
 
 fn sha256(parts: &[&[u8]]) -> [u8; 32] {
@@ -136,7 +167,7 @@ pub fn triple_hash(o: &EncryptedObject) -> [u8; 32] {
 }
 
 impl Report {
-    pub fn new(prefix: &str, verified: bool) -> Self {
+    pub fn new(prefix: &str, verified: bool, provider: Option<&str>) -> Self {
         Report {
             prefix: shown(prefix).into_owned(),
             revision: 0,
@@ -146,7 +177,12 @@ impl Report {
             resources: BTreeMap::new(),
             key_ids: BTreeMap::new(),
             unknown: KeyList::default(),
+            provider: provider.map(str::to_string),
+            provider_objects: 0,
+            not_encrypted: KeyList::default(),
+            other_encryption: KeyList::default(),
             require_retirable: None,
+            next: String::new(),
         }
     }
 
@@ -155,6 +191,13 @@ impl Report {
         self.keys_scanned += 1;
         let r = self.resources.entry(resource.to_string()).or_default();
         r.objects += 1;
+        let ours = self.provider.as_deref();
+        match stored {
+            Stored::KmsV2 { provider, .. } if ours == Some(provider.as_str()) => self.provider_objects += 1,
+            Stored::Identity(_) if ours.is_some() => self.not_encrypted.add(key),
+            Stored::KmsV2 { .. } | Stored::Other(_) if ours.is_some() => self.other_encryption.add(key),
+            _ => {}
+        }
         match stored {
             Stored::KmsV2 { provider, object } => {
                 *r.kms_v2
@@ -205,7 +248,7 @@ impl Report {
     }
 
     /// Fills in the derived fields; `require` is `--require-retirable`'s argument.
-    pub fn finish(&mut self, require: Option<&str>) {
+    pub fn finish(&mut self, require: Option<&Wanted>) {
         for k in self.key_ids.values_mut() {
             k.dek_sources = k.sources.len();
             k.local_keks = k.keks.len();
@@ -214,26 +257,81 @@ impl Report {
                 k.verify = Some(Verify::default());
             }
         }
-        self.require_retirable = require.map(|requested| {
+        let no_evidence = self.provider_objects == 0;
+        self.require_retirable = require.map(|wanted| {
+            let hash = wanted.hash();
             let found = self
                 .key_ids
                 .values()
-                .find(|k| k.key_id == requested || k.key_id_hash == requested);
-            let is_hash = requested.starts_with("sha256:") && requested.len() == 7 + 64;
+                .find(|k| wanted.matches(&k.key_id, &k.key_id_hash));
+            let objects = found.map_or(0, |k| k.objects);
+            let verdict = match (objects, no_evidence) {
+                (1.., _) => Verdict::NotRetirable,
+                (0, true) => Verdict::NoEvidence,
+                (0, false) => Verdict::Retirable,
+            };
             Required {
-                requested: shown(requested).into_owned(),
-                key_id: found
-                    .map(|k| shown(&k.key_id).into_owned())
-                    .or_else(|| (!is_hash).then(|| shown(requested).into_owned())),
-                key_id_hash: match found {
-                    Some(k) => k.key_id_hash.clone(),
-                    None if is_hash => requested.to_string(),
-                    None => KeyIdHash(requested).to_string(),
+                requested: match wanted {
+                    Wanted::KeyId(id) => shown(id).into_owned(),
+                    Wanted::Hash(h) => h.clone(),
                 },
-                objects: found.map_or(0, |k| k.objects),
-                retirable: found.is_none_or(|k| k.objects == 0),
+                key_id: found.map(|k| shown(&k.key_id).into_owned()).or(match wanted {
+                    Wanted::KeyId(id) => Some(shown(id).into_owned()),
+                    Wanted::Hash(_) => None,
+                }),
+                key_id_hash: hash,
+                objects,
+                never_seen: found.is_none(),
+                configured: None,
+                verdict,
+                retirable: verdict == Verdict::Retirable,
             }
         });
+        self.next = self.next_step();
+    }
+
+    /// With `--config`: records whether the configuration still names the key (`current`:
+    /// it writes with it, so it is never retirable).
+    /// `names_it` is `None` when only a hash is known (no object names the key_id).
+    pub fn configured(&mut self, names_it: Option<bool>, current: bool) {
+        if let Some(r) = &mut self.require_retirable {
+            r.configured = Some(
+                match (names_it, current) {
+                    (_, true) => "the CURRENT key of this configuration: new writes use it",
+                    (Some(true), false) => "still named by this configuration (decrypt-only)",
+                    (Some(false), false) => "not named by this configuration",
+                    (None, false) => "cannot tell from a hash alone; give the key_id itself",
+                }
+                .to_string(),
+            );
+            if current && r.verdict == Verdict::Retirable {
+                r.verdict = Verdict::NotRetirable;
+                r.retirable = false;
+            }
+        }
+        self.next = self.next_step();
+    }
+
+    fn next_step(&self) -> String {
+        let Some(r) = &self.require_retirable else {
+            return "next: before removing a root key, run again with --require-retirable <its key_id> and --provider (or --encryption-config)".into();
+        };
+        match r.verdict {
+            Verdict::Retirable => format!(
+                "next: remove the key from every node's configuration and reload; keep a copy of it until the next backup of etcd has rotated out ({} object(s) of provider {} were read)",
+                self.provider_objects,
+                self.provider.as_deref().map(shown).unwrap_or_default()
+            ),
+            Verdict::NotRetirable if r.objects == 0 => {
+                "next: make another key current on every node first (docs/operations.md, rotation), then `kms-plugin migrate`".into()
+            }
+            Verdict::NotRetirable => {
+                "next: run `kms-plugin migrate` to re-seal those objects under the current key, then run this again".into()
+            }
+            Verdict::NoEvidence => {
+                "next: nothing was proven. Check --endpoints (this apiserver's etcd), --prefix (its --etcd-prefix) and --provider / --encryption-config".into()
+            }
+        }
     }
 
     /// Whether `--verify` found objects that do not open.
@@ -335,20 +433,47 @@ impl Report {
             let _ = writeln!(out, "\nunknown/corrupt values: {}", self.unknown.count);
             write_keys(&mut out, &self.unknown);
         }
+        if let Some(p) = &self.provider {
+            if self.not_encrypted.count > 0 {
+                let _ = writeln!(out, "\nnot encrypted: {}", self.not_encrypted.count);
+                write_keys(&mut out, &self.not_encrypted);
+            }
+            if self.other_encryption.count > 0 {
+                let _ = writeln!(
+                    out,
+                    "\nencrypted otherwise than by KMS v2 provider {}: {}",
+                    shown(p),
+                    self.other_encryption.count
+                );
+                write_keys(&mut out, &self.other_encryption);
+            }
+        }
         if let Some(r) = &self.require_retirable {
+            let provider = self.provider.as_deref().map(shown).unwrap_or_default();
+            let verdict = match r.verdict {
+                Verdict::Retirable => "retirable, no object is stored under it".to_string(),
+                Verdict::NotRetirable => "NOT retirable".to_string(),
+                Verdict::NoEvidence => format!(
+                    "NO VERDICT: the scan found no KMS v2 object of provider {provider} ({} keys read under {}; KMS v2 providers seen: {})",
+                    self.keys_scanned,
+                    self.prefix,
+                    self.providers_seen()
+                ),
+            };
             let _ = writeln!(
                 out,
-                "\n--require-retirable {}: key_id {} ({}): {} objects: {}",
+                "\n--require-retirable {}: key_id {} ({}): {} objects: {verdict}",
                 r.requested,
                 r.key_id.as_deref().unwrap_or("(no object names it)"),
                 r.key_id_hash,
                 r.objects,
-                if r.retirable {
-                    "retirable, no object is stored under it"
-                } else {
-                    "NOT retirable"
-                }
             );
+            if r.never_seen {
+                let _ = writeln!(out, "  no object in etcd names this key_id: never seen");
+            }
+            if let Some(c) = &r.configured {
+                let _ = writeln!(out, "  configuration: {c}");
+            }
             if r.retirable && self.unknown.count > 0 {
                 // A corrupt value names no key_id; it is unreadable with or without the key.
                 let _ = writeln!(
@@ -358,7 +483,28 @@ impl Report {
                 );
             }
         }
+        let _ = writeln!(out, "\n{}", self.next);
         out
+    }
+}
+
+impl Report {
+    /// The KMS v2 providers in the scan with their object counts, or "none".
+    fn providers_seen(&self) -> String {
+        let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+        for r in self.resources.values() {
+            for (p, ids) in &r.kms_v2 {
+                *counts.entry(p).or_default() += ids.values().sum::<u64>();
+            }
+        }
+        match counts.is_empty() {
+            true => "none".into(),
+            false => counts
+                .iter()
+                .map(|(p, n)| format!("{} ({n})", shown(p)))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
     }
 }
 
@@ -394,7 +540,7 @@ mod tests {
 
     #[test]
     fn counts_and_verdicts() {
-        let mut r = Report::new("/registry/", true);
+        let mut r = Report::new("/registry/", true, Some("p"));
         r.add("secrets", "/registry/secrets/a/1", &obj("k1", 1, Some(1)), Some(Ok(())));
         r.add("secrets", "/registry/secrets/a/2", &obj("k1", 1, Some(1)), Some(Ok(())));
         r.add("secrets", "/registry/secrets/a/3", &obj("k1", 2, Some(2)), Some(Ok(())));
@@ -417,7 +563,7 @@ mod tests {
             None,
         );
         r.add("widgets", "/registry/widgets/y", &Stored::Unknown("x"), None);
-        r.finish(Some(&KeyIdHash("k3").to_string()));
+        r.finish(Some(&Wanted::Hash(KeyIdHash("k3").to_string())));
         let k1 = &r.key_ids["k1"];
         assert_eq!(
             (k1.objects, k1.dek_sources, k1.local_keks, k1.sealed_by_this_plugin),
@@ -431,7 +577,7 @@ mod tests {
         assert_eq!(r.unknown.keys, ["/registry/widgets/y"]);
         let req = r.require_retirable.as_ref().unwrap();
         assert!(req.retirable && req.key_id.is_none());
-        r.finish(Some(&KeyIdHash("k1").to_string()));
+        r.finish(Some(&Wanted::Hash(KeyIdHash("k1").to_string())));
         let req = r.require_retirable.as_ref().unwrap();
         assert!(!req.retirable);
         assert_eq!(req.key_id.as_deref(), Some("k1"));

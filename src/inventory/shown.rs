@@ -84,6 +84,14 @@ pub fn string<S: Serializer>(s: &str, ser: S) -> Result<S::Ok, S::Error> {
     ser.serialize_str(&shown(s))
 }
 
+/// Serializes an optional string as [`shown`].
+pub fn option<S: Serializer>(s: &Option<String>, ser: S) -> Result<S::Ok, S::Error> {
+    match s {
+        Some(s) => ser.serialize_some(&shown(s)),
+        None => ser.serialize_none(),
+    }
+}
+
 /// `#[serde(serialize_with)]`: every string of a list or set, [`shown`].
 pub fn list<'a, S: Serializer, L>(l: &'a L, ser: S) -> Result<S::Ok, S::Error>
 where

@@ -21,6 +21,7 @@ use kube::discovery::{ApiResource, Discovery, Scope, verbs};
 use kube::{Client, Config};
 
 use crate::inventory::etcd::Connection;
+use crate::inventory::normalise_prefix;
 use encryption_config::{EncryptionConfig, covers};
 use svm::State;
 
@@ -89,14 +90,6 @@ impl Resource {
     /// Whether the scan's resource segment (`secrets`, or a custom resource's group) is ours.
     fn has_segment(&self, segment: &str) -> bool {
         segment == self.api.plural || (!self.api.group.is_empty() && segment == self.api.group)
-    }
-}
-
-/// `--prefix` as etcd keys start: with its trailing slash.
-pub fn normalise_prefix(prefix: &str) -> String {
-    match prefix.ends_with('/') {
-        true => prefix.to_string(),
-        false => format!("{prefix}/"),
     }
 }
 
