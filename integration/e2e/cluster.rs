@@ -63,6 +63,11 @@ where
 
 /// The EncryptionConfiguration an operator installs (deploy/), pointed at `socket`.
 pub fn encryption_config(dir: &Dir, socket: &str) -> PathBuf {
+    encryption_config_named(dir, socket, "encryption-config.yaml")
+}
+
+/// [`encryption_config`] written to `name` (one per node).
+pub fn encryption_config_named(dir: &Dir, socket: &str, name: &str) -> PathBuf {
     let deployed =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/encryption-config.yaml")).unwrap();
     assert!(
@@ -73,7 +78,7 @@ pub fn encryption_config(dir: &Dir, socket: &str) -> PathBuf {
         deployed.contains(&format!("name: {PROVIDER} ")),
         "deploy/encryption-config.yaml changed its provider name"
     );
-    let path = dir.path("encryption-config.yaml");
+    let path = dir.path(name);
     std::fs::write(&path, deployed.replace(DEPLOYED_ENDPOINT, &format!("unix://{socket}"))).unwrap();
     path
 }
@@ -93,26 +98,31 @@ pub struct Apiserver {
 
 impl Apiserver {
     /// Starts the apiserver on `etcd` with `encryption` and `extra` flags (e.g. feature gates)
-    /// and waits until it is ready.
-    pub async fn start_with(dir: &Dir, etcd: &Etcd, encryption: &Path, extra: &[&str]) -> Apiserver {
+    /// and waits until it is ready. Apiservers started in one `dir` (with distinct `node`
+    /// names) share the serving certificate, service-account key and admin token, as the
+    /// apiservers of one control plane do; each has its own log and kubeconfig.
+    pub async fn start_with(dir: &Dir, etcd: &Etcd, encryption: &Path, extra: &[&str], node: &str) -> Apiserver {
         let port = free_port();
         let certs = dir.path("apiserver-certs");
         std::fs::create_dir_all(&certs).unwrap();
         // The service-account signing key (ECDSA P-256, PKCS#8) and its public half (the
         // apiserver reads only public keys from --service-account-key-file).
-        let rng = SystemRandom::new();
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
         let sa_key = dir.path("service-account.key");
-        std::fs::write(&sa_key, pem("PRIVATE KEY", pkcs8.as_ref())).unwrap();
-        // SubjectPublicKeyInfo of a P-256 key: a fixed header, then the uncompressed point.
-        let mut spki = hex::decode("3059301306072a8648ce3d020106082a8648ce3d030107034200").unwrap();
-        spki.extend_from_slice(pair.public_key().as_ref());
         let sa_pub = dir.path("service-account.pub");
-        std::fs::write(&sa_pub, pem("PUBLIC KEY", &spki)).unwrap();
-        let token = crate::common::rand_hex(16);
         let tokens = dir.path("tokens.csv");
-        std::fs::write(&tokens, format!("{token},e2e-admin,e2e-admin,\"system:masters\"\n")).unwrap();
+        if !tokens.exists() {
+            let rng = SystemRandom::new();
+            let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+            let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+            std::fs::write(&sa_key, pem("PRIVATE KEY", pkcs8.as_ref())).unwrap();
+            // SubjectPublicKeyInfo of a P-256 key: a fixed header, then the uncompressed point.
+            let mut spki = hex::decode("3059301306072a8648ce3d020106082a8648ce3d030107034200").unwrap();
+            spki.extend_from_slice(pair.public_key().as_ref());
+            std::fs::write(&sa_pub, pem("PUBLIC KEY", &spki)).unwrap();
+            let token = crate::common::rand_hex(16);
+            std::fs::write(&tokens, format!("{token},e2e-admin,e2e-admin,\"system:masters\"\n")).unwrap();
+        }
+        let token = std::fs::read_to_string(&tokens).unwrap().split(',').next().unwrap().to_string();
         let mut args = vec![
             format!("--etcd-servers={}", etcd.endpoint),
             format!("--secure-port={port}"),
@@ -131,8 +141,8 @@ impl Apiserver {
             "--v=2".into(),
         ];
         args.extend(extra.iter().map(|a| a.to_string()));
-        let log = dir.path("kube-apiserver.log");
-        let kubeconfig = dir.path("kubeconfig");
+        let log = dir.path(&format!("kube-apiserver{node}.log"));
+        let kubeconfig = dir.path(&format!("kubeconfig{node}"));
         let mut apiserver = Apiserver {
             child: None,
             args,
@@ -436,7 +446,7 @@ impl Cluster {
         let keys = crate::servers::RootKeys::new(kind, &dir).await;
         let plugin = crate::common::Plugin::start_env(&keys.config, &keys.env).await;
         let encryption = encryption_config(&dir, &plugin.socket);
-        let apiserver = Apiserver::start_with(&dir, &etcd, &encryption, apiserver_flags).await;
+        let apiserver = Apiserver::start_with(&dir, &etcd, &encryption, apiserver_flags, "").await;
         Cluster {
             apiserver,
             plugin: Some(plugin),

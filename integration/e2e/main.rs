@@ -19,4 +19,5 @@ mod backends;
 mod cluster;
 mod lifecycle;
 mod migrate;
+mod multinode;
 mod servers;
