@@ -742,3 +742,102 @@ async fn the_retirement_verdict_fails_closed() {
     );
     assert!(out.contains("not named by this configuration"), "{out}");
 }
+
+/// `inventory` with `env`: (exit code, stdout, stderr).
+fn inventory_env(etcd: &Etcd, extra: &[&str], env: &[(&str, String)]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .arg("inventory")
+        .args(etcd.args())
+        .args(extra)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Seals three seeds with a plugin on `config`, stores them as Secrets under `/<name>/`, and
+/// checks that `--verify --config` opens them all, the keys resolved as `serve` resolves them.
+async fn verify_opens_all(etcd: &Etcd, name: &str, config: &std::path::Path, env: &[(&str, String)]) -> Vec<String> {
+    let plugin = Plugin::start_env(config, env).await;
+    let mut c = plugin.client().await;
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        let seed = encrypt(&mut c, &rand_bytes(32)).await;
+        let key = format!("/{name}/secrets/default/s-{i}");
+        etcd.put(key.as_bytes(), &kms_v2_value("kms-plugin", &seed)).await;
+        keys.push(key);
+    }
+    plugin.stop().await;
+    let args = [
+        "--prefix",
+        &format!("/{name}/"),
+        "--verify",
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    let (code, out, err) = inventory_env(etcd, &args, env);
+    assert_eq!(code, 0, "{name}: {out}{err}");
+    assert!(
+        out.contains("all 3 objects open with this configuration"),
+        "{name}: {out}"
+    );
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// With the backend's server gone, `--verify` is an error (exit 1), never a verdict on the data.
+fn verify_refuses_without_backend(etcd: &Etcd, name: &str, args: &[String], env: &[(&str, String)]) {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, err) = inventory_env(etcd, &args, env);
+    assert_eq!(code, 1, "{name}: {out}{err}");
+    assert!(err.contains("the backend cannot answer now"), "{name}: {err}");
+    assert!(!out.contains("do NOT open"), "{name}: {out}");
+}
+
+#[tokio::test]
+async fn verify_resolves_every_backends_keys_and_a_stopped_server_is_an_error() {
+    use crate::common::kmip::Kmip;
+    use crate::common::moto::Moto;
+    use crate::common::openbao::Bao;
+    use crate::common::softhsm::SoftHsm;
+    let dir = Dir::new();
+    let etcd = Etcd::start(&dir).await;
+
+    // KMIP learns its key_ids only from the server.
+    let mut kmip = Kmip::start(&dir);
+    kmip.create_key("kms-root");
+    let args = verify_opens_all(&etcd, "kmip", &kmip.config(&dir, "kms-root", "", ""), &[]).await;
+    kmip.stop();
+    verify_refuses_without_backend(&etcd, "kmip", &args, &[]);
+
+    // AWS: the alias resolved to the key's ARN; then the server stops answering, and then
+    // there are no credentials at all.
+    let moto = Moto::start().await;
+    let key = moto.create_key().await;
+    moto.alias("alias/kms-plugin", &key).await;
+    let config = moto.config(&dir, "alias/kms-plugin", &[], "");
+    let args = verify_opens_all(&etcd, "aws", &config, &Moto::env()).await;
+    let no_credentials = [("AWS_EC2_METADATA_DISABLED", "true".to_string())];
+    verify_refuses_without_backend(&etcd, "aws without credentials", &args, &no_credentials);
+    moto.pause(true);
+    verify_refuses_without_backend(&etcd, "aws", &args, &Moto::env());
+    moto.pause(false);
+
+    // Vault / OpenBao Transit.
+    let mut bao = Bao::dev(&dir);
+    bao.cli(&["write", "-f", "transit/keys/k"]);
+    bao.plugin_policy("kms", "k");
+    let auth = bao.token_auth(&dir, &bao.token("kms", "1h"));
+    let args = verify_opens_all(&etcd, "vault", &bao.config(&dir, "k", &[], &auth, "", ""), &[]).await;
+    bao.stop();
+    verify_refuses_without_backend(&etcd, "vault", &args, &[]);
+
+    // PKCS#11 (SoftHSM2): a library, nothing to stop.
+    let hsm = SoftHsm::new(&dir);
+    hsm.keygen("root-0");
+    let config = hsm.config(&dir, "root-0", &[], &hsm.pin_file, "");
+    verify_opens_all(&etcd, "pkcs11", &config, &hsm.env()).await;
+}

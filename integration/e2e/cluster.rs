@@ -122,7 +122,12 @@ impl Apiserver {
             let token = crate::common::rand_hex(16);
             std::fs::write(&tokens, format!("{token},e2e-admin,e2e-admin,\"system:masters\"\n")).unwrap();
         }
-        let token = std::fs::read_to_string(&tokens).unwrap().split(',').next().unwrap().to_string();
+        let token = std::fs::read_to_string(&tokens)
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap()
+            .to_string();
         let mut args = vec![
             format!("--etcd-servers={}", etcd.endpoint),
             format!("--secure-port={port}"),

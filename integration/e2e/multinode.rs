@@ -24,7 +24,10 @@ fn write_config(dir: &Dir, node: &str, current: &str, old: &[&str]) -> PathBuf {
     let run = dir.path(&format!("run-{node}"));
     std::fs::create_dir_all(&run).unwrap();
     std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let old: Vec<String> = old.iter().map(|k| format!("{:?}", dir.key(k).display().to_string())).collect();
+    let old: Vec<String> = old
+        .iter()
+        .map(|k| format!("{:?}", dir.key(k).display().to_string()))
+        .collect();
     let text = format!(
         "[probe]\ninterval = \"2s\"\n[reload]\ninterval = \"1s\"\n[socket]\npath = {:?}\n[backend]\ntype = \"local\"\ncurrent_key_file = {:?}\ndecrypt_only_key_files = [{}]\n",
         run.join("kms.sock").display().to_string(),
@@ -131,11 +134,19 @@ async fn two_nodes_rotate_in_the_documented_order_and_migrate_refuses_the_wrong_
     // 3. Migrate (the preflight sees both apiservers agree); 4. verify.
     let (code, out) = migrate(&[]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains(&a.apiserver.url) && out.contains(&b.apiserver.url), "{out}");
+    assert!(
+        out.contains(&a.apiserver.url) && out.contains(&b.apiserver.url),
+        "{out}"
+    );
     let encryption = dir.path("encryption-a.yaml").display().to_string();
     let mut inventory: Vec<String> = vec!["inventory".into()];
     inventory.extend(etcd.args());
-    inventory.extend(["--encryption-config".into(), encryption, "--require-retirable".into(), old.clone()]);
+    inventory.extend([
+        "--encryption-config".into(),
+        encryption,
+        "--require-retirable".into(),
+        old.clone(),
+    ]);
     let (code, report) = plugin_command(&inventory.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(code, 0, "{report}");
     // 5. The old key removed everywhere: everything still reads.
