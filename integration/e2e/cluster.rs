@@ -120,7 +120,12 @@ impl Apiserver {
             spki.extend_from_slice(pair.public_key().as_ref());
             std::fs::write(&sa_pub, pem("PUBLIC KEY", &spki)).unwrap();
             let token = crate::common::rand_hex(16);
-            std::fs::write(&tokens, format!("{token},e2e-admin,e2e-admin,\"system:masters\"\n")).unwrap();
+            // And a user with no rights but those RBAC grants it (deploy/migrate-rbac.yaml).
+            std::fs::write(
+                &tokens,
+                format!("{token},e2e-admin,e2e-admin,\"system:masters\"\n{token}m,e2e-migrate,e2e-migrate\n"),
+            )
+            .unwrap();
         }
         let token = std::fs::read_to_string(&tokens)
             .unwrap()
@@ -258,6 +263,19 @@ impl Apiserver {
             .filter(|l| l.contains(&format!("provider_name=\"{PROVIDER}\"")))
             .filter_map(|l| l.split("key_id_hash=\"").nth(1)?.split('"').next().map(str::to_string))
             .collect()
+    }
+
+    /// A kubeconfig for the user `e2e-migrate`, who has only what RBAC grants it.
+    pub fn restricted_kubeconfig(&self) -> PathBuf {
+        let admin = std::fs::read_to_string(&self.kubeconfig).unwrap();
+        let token = admin.split("token: ").nth(1).unwrap().lines().next().unwrap();
+        let path = self.kubeconfig.with_extension("migrate");
+        std::fs::write(
+            &path,
+            admin.replace(&format!("token: {token}"), &format!("token: {token}m")),
+        )
+        .unwrap();
+        path
     }
 
     /// SIGTERM, then waits for the exit (bounded).

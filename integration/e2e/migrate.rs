@@ -68,8 +68,17 @@ async fn migrate_rewrites_every_secret_resumes_after_an_interruption_and_proves_
     assert!(out.contains(&format!("/registry/secrets/{NAMESPACE}/m-")), "{out}");
     assert_eq!(secrets_under(&cluster, "m", &new).await, 0, "--dry-run wrote");
 
+    // From here on as a user with only deploy/migrate-rbac.yaml's ClusterRole.
+    grant_migrate_role(&client).await;
+    let restricted = format!("--kubeconfig={}", cluster.apiserver.restricted_kubeconfig().display());
+    let as_restricted = |args: &[&str]| {
+        let mut all = cluster.migrate_args(args);
+        all[1] = restricted.clone();
+        all
+    };
+
     // Interrupted: killed after it re-sealed a few.
-    let args = cluster.migrate_args(&["--method", "rewrite", "--rate", "4"]);
+    let args = as_restricted(&["--method", "rewrite", "--rate", "4"]);
     let mut first = Command::new(crate::common::BIN)
         .args(&args)
         .stdout(Stdio::null())
@@ -89,7 +98,8 @@ async fn migrate_rewrites_every_secret_resumes_after_an_interruption_and_proves_
 
     // Resumed: skips what is done, rewrites the rest, proves it.
     let started = Instant::now();
-    let (code, out) = cluster.migrate(&["--method", "rewrite", "--rate", "200"]);
+    let args = as_restricted(&["--method", "rewrite", "--rate", "200"]);
+    let (code, out) = plugin_command(&args.iter().map(String::as_str).collect::<Vec<_>>());
     measured("migrate --method rewrite: resume over 60 Secrets", started.elapsed());
     assert_eq!(code, 0, "{out}");
     assert!(
@@ -179,4 +189,41 @@ fn secret(name: &str) -> k8s_openapi::api::core::v1::Secret {
         string_data: Some([("value".to_string(), "x".to_string())].into()),
         ..Default::default()
     }
+}
+
+/// Creates deploy/migrate-rbac.yaml's ClusterRole and binds it to the user `e2e-migrate`.
+async fn grant_migrate_role(client: &kube::Client) {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleRef, Subject};
+    let file = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/migrate-rbac.yaml")).unwrap();
+    let role: ClusterRole = file
+        .split("\n---\n")
+        .find(|doc| doc.contains("kind: ClusterRole\n"))
+        .map(|doc| serde_saphyr::from_str(doc).unwrap())
+        .expect("deploy/migrate-rbac.yaml has a ClusterRole");
+    let name = role.metadata.name.clone().unwrap();
+    kube::Api::<ClusterRole>::all(client.clone())
+        .create(&Default::default(), &role)
+        .await
+        .unwrap();
+    let binding = ClusterRoleBinding {
+        metadata: kube::api::ObjectMeta {
+            name: Some("e2e-migrate".into()),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "ClusterRole".into(),
+            name,
+        },
+        subjects: Some(vec![Subject {
+            kind: "User".into(),
+            name: "e2e-migrate".into(),
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            namespace: None,
+        }]),
+    };
+    kube::Api::<ClusterRoleBinding>::all(client.clone())
+        .create(&Default::default(), &binding)
+        .await
+        .unwrap();
 }
