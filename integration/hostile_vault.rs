@@ -267,6 +267,22 @@ async fn a_wrapped_kek_over_the_request_budget_never_becomes_current() {
     let st = c.status(kms_plugin::proto::v2::StatusRequest {}).await;
     assert!(st.as_ref().map_or(true, |s| s.get_ref().healthz != "ok"), "{st:?}");
     assert!(plugin.logs().contains("fit a Decrypt request"), "{}", plugin.logs());
+    // `check` runs the same self-test as a reload: it refuses such a backend too.
+    let config = config(&dir, &vault, &token_auth(&dir));
+    // Off this thread: the fake server answers on it.
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(BIN)
+            .args(["check", "--config", config.to_str().unwrap()])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("fit a Decrypt request"),
+        "{out:?}"
+    );
     // A normal backend answer afterwards becomes current at the next attempt.
     vault.set(Mode::Normal);
     eventually("a KEK after the backend answers normally", || async {

@@ -360,17 +360,7 @@ async fn check(config: Option<PathBuf>) -> Result<(), String> {
     let address: server::socket::SocketAddress = settings.socket.path.parse()?;
     server::socket::preflight(&address, settings.socket.group.as_deref()).map_err(|e| e.to_string())?;
     let backend = kms_plugin::build_backend(&settings).await.map_err(|e| e.to_string())?;
-    let key_id = backend.probe().await.map_err(|e| format!("backend probe: {e}"))?;
-    let kek = kms_plugin::keys::Kek::generate(&ring::rand::SystemRandom::new())
-        .map_err(|_| "random number generator failed")?;
-    let wrapped = backend.wrap(&kek).await.map_err(|e| format!("backend wrap: {e}"))?;
-    let back = backend
-        .unwrap(&wrapped.key_id, &wrapped.blob)
-        .await
-        .map_err(|e| format!("backend unwrap: {e}"))?;
-    if back.expose() != kek.expose() {
-        return Err("backend unwrap returned a different key".into());
-    }
+    let key_id = kms_plugin::keys::self_test::self_test(backend.as_ref()).await?.key_id;
     println!(
         "ok: backend {} current key_id {key_id}; wrap/unwrap round trip succeeded",
         backend.name()

@@ -30,7 +30,7 @@ use prometheus_client::registry::Registry;
 use ring::digest;
 use tracing::{info, warn};
 
-use crate::keys::{Active, Kek, Keys};
+use crate::keys::{Active, Keys};
 use crate::logging::LevelHandle;
 use crate::secret_file::{self, MAX_FILE_BYTES};
 use crate::server::PeerPolicy;
@@ -178,25 +178,8 @@ impl Reloader {
         // Keys the running backend learned on its own (a moved alias or name) stay known.
         backend.remember(self.keys.backend().remembered());
         // The new backend must work before anything depends on it.
-        let timeout = crate::keys::BACKEND_CALL_TIMEOUT;
-        let check = async {
-            backend.probe().await.map_err(|e| format!("backend probe: {e}"))?;
-            let kek = Kek::generate(&ring::rand::SystemRandom::new()).map_err(|_| "random number generator failed")?;
-            let wrapped = backend.wrap(&kek).await.map_err(|e| format!("backend wrap: {e}"))?;
-            crate::keys::check_wrapped(&wrapped, backend.max_wrapped_len())
-                .map_err(|e| format!("backend wrap: {e}"))?;
-            let back = backend
-                .unwrap(&wrapped.key_id, &wrapped.blob)
-                .await
-                .map_err(|e| format!("backend unwrap: {e}"))?;
-            if back.expose() != kek.expose() {
-                return Err("backend unwrap returned a different key".to_string());
-            }
-            Ok::<_, String>((kek, wrapped))
-        };
-        let first = tokio::time::timeout(timeout, check)
-            .await
-            .map_err(|_| format!("backend check timed out after {} s", timeout.as_secs()))??;
+        let passed = crate::keys::self_test::self_test(backend.as_ref()).await?;
+        let first = (passed.kek, passed.wrapped);
         let key_id_hash = crate::logging::KeyIdHash(&first.1.key_id).to_string();
         let purged = self
             .keys

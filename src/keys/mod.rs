@@ -12,6 +12,7 @@ pub mod cache;
 pub mod envelope;
 pub mod metrics;
 pub mod rotation;
+pub mod self_test;
 
 use std::future::Future;
 use std::num::NonZeroUsize;
