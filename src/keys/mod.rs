@@ -13,6 +13,8 @@ pub mod envelope;
 pub mod metrics;
 pub mod rotation;
 pub mod self_test;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::num::NonZeroUsize;
