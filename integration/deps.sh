@@ -7,6 +7,7 @@ need_apt=()
 [ -e /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null || need_apt+=(softhsm2)
 command -v pkcs11-tool >/dev/null || need_apt+=(opensc)
 [ -x /usr/bin/etcd ] || need_apt+=(etcd-server)
+[ -x /usr/bin/time ] || need_apt+=(time)  # peak RSS of a child (inventory's memory test)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq

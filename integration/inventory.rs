@@ -841,3 +841,54 @@ async fn verify_resolves_every_backends_keys_and_a_stopped_server_is_an_error() 
     let config = hsm.config(&dir, "root-0", &[], &hsm.pin_file, "");
     verify_opens_all(&etcd, "pkcs11", &config, &hsm.env()).await;
 }
+
+/// Peak RSS (KiB) of `inventory --json --page-size 200` over `etcd`, which must hold `n` keys.
+fn inventory_peak_rss(etcd: &Etcd, n: usize) -> u64 {
+    let out = Command::new("/usr/bin/time")
+        .args(["-f", "maxrss_kib=%M", BIN, "inventory", "--json", "--page-size", "200"])
+        .args(etcd.args())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["keys_scanned"], n as u64);
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("maxrss_kib="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no peak RSS in {stderr}"))
+}
+
+/// README: memory does not grow with the size of etcd. Ten times the data (2,000 vs 20,000
+/// objects of ~1 KiB, 2 vs 20 MiB of values) must not cost the scan more than a few MiB.
+#[tokio::test]
+async fn inventory_memory_does_not_grow_with_etcd() {
+    let dir = Dir::new();
+    let etcd = Etcd::start(&dir).await;
+    let value = |i: usize| {
+        let mut v = b"k8s:enc:kms:v2:kms-plugin:".to_vec();
+        let object = EncryptedObject {
+            encrypted_data: vec![0x5a; 1024],
+            key_id: format!("local:{:032x}", i % 3),
+            encrypted_dek_source: vec![1; 61],
+            annotations: Default::default(),
+            encrypted_dek_source_type: 1,
+        };
+        v.extend(object.encode_to_vec());
+        v
+    };
+    let put = |from: usize, to: usize| {
+        (from..to).map(move |i| (format!("/registry/secrets/ns/s-{i:06}").into_bytes(), value(i)))
+    };
+    etcd.put_many(put(0, 2_000), 64).await;
+    let small = inventory_peak_rss(&etcd, 2_000);
+    etcd.put_many(put(2_000, 20_000), 64).await;
+    let large = inventory_peak_rss(&etcd, 20_000);
+    println!("inventory peak RSS: {small} KiB over 2,000 objects, {large} KiB over 20,000");
+    assert!(
+        large < small + 6 * 1024,
+        "{small} KiB → {large} KiB: memory grows with etcd"
+    );
+    assert!(large < 48 * 1024, "{large} KiB");
+}
