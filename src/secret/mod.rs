@@ -13,24 +13,32 @@ use zeroize::Zeroizing;
 pub const KEY_LEN: usize = 32;
 
 /// A 256-bit AES key (a local KEK or a local root key). Wiped on drop.
-pub struct Kek(Zeroizing<[u8; KEY_LEN]>);
+///
+/// The bytes live in one heap allocation for the key's whole life: moving a `Kek` (out of a
+/// backend call, through `.await`s, into an `Arc`) moves a pointer. An inline array would be
+/// copied by every move, and a moved-from copy is never dropped, so never wiped.
+pub struct Kek(Box<Zeroizing<[u8; KEY_LEN]>>);
 
 impl Kek {
-    /// A fresh key from the operating system's CSPRNG.
+    /// A fresh key from the operating system's CSPRNG, written straight into its allocation.
     pub fn generate(rng: &SystemRandom) -> Result<Self, ring::error::Unspecified> {
-        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
-        rng.fill(bytes.as_mut())?;
-        Ok(Self(bytes))
+        let mut key = Self::zeroed();
+        rng.fill(&mut key.0[..])?;
+        Ok(key)
     }
 
-    /// Takes ownership of key bytes; the caller's buffer should itself be zeroizing.
+    /// Copies key bytes into a new key; the caller's buffer should itself be zeroizing.
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
         if bytes.len() != KEY_LEN {
             return None;
         }
-        let mut key = Zeroizing::new([0u8; KEY_LEN]);
-        key.copy_from_slice(bytes);
-        Some(Self(key))
+        let mut key = Self::zeroed();
+        key.0.copy_from_slice(bytes);
+        Some(key)
+    }
+
+    fn zeroed() -> Self {
+        Self(Box::new(Zeroizing::new([0u8; KEY_LEN])))
     }
 
     /// The raw key bytes. Never log, store or send them unwrapped.
