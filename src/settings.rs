@@ -452,7 +452,9 @@ impl Settings {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, SettingsError> {
         let mut builder = ::config::Config::builder();
-        let mut from_env = false;
+        // Environment-only configuration must at least name the backend; a stray variable such
+        // as a metrics address alone is not a configuration.
+        let mut backend_from_env = false;
         if let Some(text) = base {
             builder = builder.add_source(::config::File::from_str(text, ::config::FileFormat::Toml));
         }
@@ -466,7 +468,7 @@ impl Settings {
                 continue;
             }
             let key = rest.to_ascii_lowercase().replace("__", ".");
-            from_env = true;
+            backend_from_env |= key == "backend.type";
             // Values stay strings (the config crate converts them to numbers on
             // deserialisation), so an octal "0600" is never read as decimal 600.
             builder = if LIST_KEYS.contains(&key.as_str()) {
@@ -482,9 +484,11 @@ impl Settings {
             }
             .map_err(|e| SettingsError(format!("{name}: {e}")))?;
         }
-        if base.is_none() && !from_env {
+        if base.is_none() && !backend_from_env {
             return Err(SettingsError(
-                "no configuration: pass --config FILE (see deploy/config.toml), or try `serve --dev DIR`".into(),
+                "no configuration: pass --config FILE (see deploy/config.toml), set KMS_PLUGIN_BACKEND__TYPE \
+                 and the backend's settings in the environment, or try `serve --dev DIR`"
+                    .into(),
             ));
         }
         Self::from_config(builder)
