@@ -19,4 +19,5 @@ mod pkcs11;
 mod protocol;
 mod reload;
 mod socket;
+mod suite;
 mod vault;
