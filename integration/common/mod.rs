@@ -236,15 +236,11 @@ impl Plugin {
     /// Waits until the plugin has started a backend unwrap for a Decrypt (a cache miss), so a
     /// signal sent next finds a call in flight.
     pub async fn wait_unwrap_in_flight(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        eventually("an unwrap to start", || async {
             let (_, metrics) = self.http_get("/metrics").await;
-            if metrics.contains("kms_plugin_kek_cache_misses_total 1") {
-                return;
-            }
-            assert!(Instant::now() < deadline, "no unwrap started; logs:\n{}", self.logs());
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+            metrics.contains("kms_plugin_kek_cache_misses_total 1")
+        })
+        .await;
     }
 
     pub fn signal(&self, sig: &str) {
