@@ -386,11 +386,10 @@ async fn status_and_readyz_fail_at_the_seal_hard_stop() {
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("exhausted"), "{body}");
     // Once the rotation lands, all is well again.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while c.status(StatusRequest {}).await.is_err() {
-        assert!(Instant::now() < deadline, "{}", plugin.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually("Status to recover", || async {
+        c.clone().status(StatusRequest {}).await.is_ok()
+    })
+    .await;
     assert_eq!(plugin.http_get("/readyz").await.0, 200);
     plugin.stop().await;
 }
@@ -751,15 +750,10 @@ async fn another_uids_flood_of_waiting_decrypts_never_holds_our_calls() {
         .spawn()
         .unwrap();
     // The flood is on once hundreds of its calls have waited on unwraps.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while plugin.metric("kms_plugin_kek_cache_coalesced_total").await < 500.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the flood never took hold\n{}",
-            plugin.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the flood to take hold", || async {
+        plugin.metric("kms_plugin_kek_cache_coalesced_total").await >= 500.0
+    })
+    .await;
     let (mut ok, mut failed) = (0, Vec::new());
     let until = Instant::now() + Duration::from_secs(4);
     let mut i = 0;

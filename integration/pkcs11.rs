@@ -1,4 +1,6 @@
-//! The PKCS#11 backend end to end: the built plugin against a real SoftHSM2 token.
+//! The PKCS#11 backend end to end against a real SoftHSM2 token: what only PKCS#11 has. Round
+//! trip, rotation, revocation, outage, coalescing and the PIN log scan are in the shared suite
+//! (integration/suite/).
 
 use tonic::Code;
 
@@ -8,60 +10,6 @@ use crate::common::softhsm::{self, SoftHsm};
 const SPY: &str = "/usr/lib/x86_64-linux-gnu/pkcs11-spy.so";
 use crate::common::*;
 use kms_plugin::proto::v2::StatusRequest;
-
-async fn start(config: &std::path::Path, hsm: &SoftHsm) -> Plugin {
-    let env = hsm.env();
-    Plugin::start_env(config, &env).await
-}
-
-#[tokio::test]
-async fn round_trip_restart_and_rotation_to_a_new_label() {
-    let dir = Dir::new();
-    let hsm = SoftHsm::new(&dir);
-    hsm.keygen("root-1");
-    let plugin = start(&hsm.config(&dir, "root-1", &[], &hsm.pin_file, ""), &hsm).await;
-    let mut c = plugin.client().await;
-    let st = status(&mut c).await;
-    assert!(st.key_id.starts_with("pkcs11:"), "{}", st.key_id);
-    let s1 = rand_bytes(32);
-    let e1 = encrypt(&mut c, &s1).await;
-    assert_contract(&e1, &st.key_id);
-    assert_eq!(decrypt(&mut c, &e1).await.unwrap(), s1);
-    plugin.stop().await;
-
-    // Restart: same key_id, old data decrypts through a real unwrap in the token.
-    let plugin = start(&hsm.config(&dir, "root-1", &[], &hsm.pin_file, ""), &hsm).await;
-    let mut c = plugin.client().await;
-    assert_eq!(status(&mut c).await.key_id, st.key_id);
-    assert_eq!(decrypt(&mut c, &e1).await.unwrap(), s1);
-    assert_eq!(plugin.backend_calls("unwrap").await, 1);
-    plugin.stop().await;
-
-    // Rotation: a new key label is current, the old one decrypt-only.
-    hsm.keygen("root-2");
-    let plugin = start(&hsm.config(&dir, "root-2", &["root-1"], &hsm.pin_file, ""), &hsm).await;
-    let mut c = plugin.client().await;
-    let st2 = status(&mut c).await;
-    assert_ne!(st2.key_id, st.key_id);
-    assert_eq!(decrypt(&mut c, &e1).await.unwrap(), s1);
-    let s2 = rand_bytes(32);
-    let e2 = encrypt(&mut c, &s2).await;
-    assert_contract(&e2, &st2.key_id);
-    assert_eq!(decrypt(&mut c, &e2).await.unwrap(), s2);
-    // A wrapped KEK that was tampered with does not unwrap inside the token.
-    let mut bad = decrypt_request(&e1);
-    let (k, v) = bad
-        .annotations
-        .iter()
-        .next()
-        .map(|(k, v)| (k.clone(), v.to_vec()))
-        .unwrap();
-    let mut v = v;
-    v[20] ^= 1;
-    bad.annotations.insert(k, v.into());
-    assert_eq!(c.decrypt(bad).await.unwrap_err().code(), Code::DataLoss);
-    plugin.stop().await;
-}
 
 #[tokio::test]
 async fn missing_key_at_start_up_is_a_clear_error() {
@@ -142,24 +90,5 @@ async fn wrong_pin_is_reported_once_and_never_retried() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    plugin.stop().await;
-}
-
-#[tokio::test]
-async fn deleted_key_revokes_and_fails_status() {
-    let dir = Dir::new();
-    let hsm = SoftHsm::new(&dir);
-    hsm.keygen("root-1");
-    let config = hsm.config(&dir, "root-1", &[], &hsm.pin_file, "[probe]\ninterval = \"100ms\"");
-    let plugin = start(&config, &hsm).await;
-    let mut c = plugin.client().await;
-    let seed = rand_bytes(32);
-    let e = encrypt(&mut c, &seed).await;
-    hsm.delete("root-1");
-    assert!(plugin.wait_log("root key unusable").await, "{}", plugin.logs());
-    let err = c.status(StatusRequest {}).await.unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    // Cached KEKs of the revoked key were purged: no decrypt under it any more.
-    assert_eq!(decrypt(&mut c, &e).await.unwrap_err().code(), Code::FailedPrecondition);
     plugin.stop().await;
 }

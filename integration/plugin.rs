@@ -20,4 +20,5 @@ mod pkcs11;
 mod protocol;
 mod reload;
 mod socket;
+mod suite;
 mod vault;

@@ -105,15 +105,10 @@ async fn reloads(plugin: &Plugin, outcome: &str) -> f64 {
 
 /// Waits until the reload counter for `outcome` reaches `n`.
 async fn wait_reloads(plugin: &Plugin, outcome: &str, n: f64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while reloads(plugin, outcome).await < n {
-        assert!(
-            Instant::now() < deadline,
-            "no {outcome} reload #{n}; logs:\n{}",
-            plugin.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(&format!("{outcome} reload #{n}"), || async {
+        reloads(plugin, outcome).await >= n
+    })
+    .await;
 }
 
 /// Rewrites `path` in place (a new inode, as editors and `kubectl cp` do).

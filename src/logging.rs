@@ -75,7 +75,9 @@ pub fn init(level: &str, format: LogFormat) -> LevelHandle {
         None => (level.to_string(), None, false),
     };
     let (filter, handle) = tracing_subscriber::reload::Layer::new(EnvFilter::new(spec));
-    let registry = tracing_subscriber::registry().with(filter);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::filter::filter_fn(not_aws_trace));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(false);
@@ -90,6 +92,14 @@ pub fn init(level: &str, format: LogFormat) -> LevelHandle {
         handle: installed.is_ok().then_some(handle),
         from_env,
     }
+}
+
+/// Whether an event may be written whatever the level: the AWS SDK's trace events print whole
+/// requests and responses (the KEK in the bodies of Encrypt and Decrypt, the session token in
+/// the signed canonical request), so its targets (`aws_sigv4`, `aws_smithy_runtime` …) are
+/// capped at debug even when the level says trace.
+fn not_aws_trace(meta: &tracing::Metadata<'_>) -> bool {
+    !(meta.target().starts_with("aws_") && *meta.level() == tracing::Level::TRACE)
 }
 
 /// Displays `sha256:<hex>` of a key_id, the form the apiserver logs and exports, computed only

@@ -236,15 +236,11 @@ impl Plugin {
     /// Waits until the plugin has started a backend unwrap for a Decrypt (a cache miss), so a
     /// signal sent next finds a call in flight.
     pub async fn wait_unwrap_in_flight(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        eventually("an unwrap to start", || async {
             let (_, metrics) = self.http_get("/metrics").await;
-            if metrics.contains("kms_plugin_kek_cache_misses_total 1") {
-                return;
-            }
-            assert!(Instant::now() < deadline, "no unwrap started; logs:\n{}", self.logs());
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+            metrics.contains("kms_plugin_kek_cache_misses_total 1")
+        })
+        .await;
     }
 
     pub fn signal(&self, sig: &str) {
@@ -361,15 +357,61 @@ pub fn assert_contract(e: &EncryptResponse, status_key_id: &str) {
     kms_plugin::contract::check_annotations(&map).unwrap();
 }
 
-/// Polls `check` every 20 ms until it holds, for at most 20 s.
+/// Polls `check` every 20 ms until it holds, for at most 30 s; the one polling loop of the tests.
 pub async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !check().await {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    eventually_some(what, || {
+        let done = check();
+        async move { done.await.then_some(()) }
+    })
+    .await
+}
+
+/// Polls `get` every 20 ms until it returns a value, for at most 30 s, and returns it.
+pub async fn eventually_some<T, F, Fut>(what: &str, get: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(value) = get().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Runs `kms-plugin check --config <config>`: (success, stdout and stderr).
+pub fn check(config: &Path) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(["check", "--config", config.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `n` seeds and their ciphertexts under distinct KEKs, made by other plugin instances with
+/// `config`, so a plugin started next must unwrap each cold.
+pub async fn cold_ciphertexts(config: &Path, n: usize) -> Vec<(Vec<u8>, EncryptResponse)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let maker = Plugin::start(config).await;
+        let seed = rand_bytes(32);
+        out.push((seed.clone(), encrypt(&mut maker.client().await, &seed).await));
+        maker.stop().await;
+    }
+    out
 }

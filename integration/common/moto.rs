@@ -4,7 +4,6 @@
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use aws_sdk_kms::Client;
 use aws_sdk_kms::config::{BehaviorVersion, Credentials, Region};
@@ -49,11 +48,10 @@ impl Moto {
             endpoint,
             client: Client::from_conf(config),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while moto.client.list_keys().send().await.is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not come up");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        super::eventually("moto_server to come up", || async {
+            moto.client.list_keys().send().await.is_ok()
+        })
+        .await;
         moto
     }
 

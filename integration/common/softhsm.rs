@@ -7,7 +7,8 @@ use std::process::Command;
 use super::{Dir, rand_hex};
 
 pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-pub const PIN: &str = "123456";
+/// Long enough for the log scans to search for (they need 16 bytes or more).
+pub const PIN: &str = "kms-test-pin-8d3f61a0c2b7e945";
 
 pub struct SoftHsm {
     pub conf: PathBuf,
@@ -115,4 +116,24 @@ impl SoftHsm {
             old.join(", ")
         ))
     }
+}
+
+/// Builds `pkcs11_unplug.c` into `dir`: a module in front of SoftHSM2 that answers
+/// CKR_DEVICE_REMOVED while the file `flag` exists, SoftHSM2's outage (it runs inside the
+/// plugin's process and cannot be stopped). Returns the module and the environment it needs.
+pub fn unpluggable(dir: &Dir, flag: &std::path::Path) -> (PathBuf, Vec<(&'static str, String)>) {
+    let module = dir.path("pkcs11-unplug.so");
+    run(Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&module)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/integration/common/pkcs11_unplug.c"
+        ))
+        .arg("-ldl"));
+    let env = vec![
+        ("UNPLUG_MODULE", MODULE.to_string()),
+        ("UNPLUG_FLAG", flag.display().to_string()),
+    ];
+    (module, env)
 }
