@@ -347,7 +347,12 @@ async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(t), Ok(i)) => (t, i),
-        _ => return std::future::pending().await,
+        (Err(e), _) | (_, Err(e)) => {
+            // Without the handlers SIGTERM kills the process outright, with no drain and the
+            // socket left behind: say so rather than fail silently at stop time.
+            tracing::error!(error = %e, "cannot listen for SIGTERM/SIGINT; a stop will not drain");
+            return std::future::pending().await;
+        }
     };
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
