@@ -17,6 +17,7 @@ mod layering;
 mod ops;
 mod pkcs11;
 mod protocol;
+mod readme;
 mod reload;
 mod socket;
 mod vault;
