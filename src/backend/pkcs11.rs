@@ -366,7 +366,10 @@ impl Pkcs11Backend {
                 slot = Some((s, format!("{}\0", opts.token_label)));
                 break;
             }
-            seen.push(format!("{label:?}"));
+            // SoftHSM2 always offers one uninitialised token: its blank label would only confuse.
+            if info.token_initialized() {
+                seen.push(format!("{label:?}"));
+            }
         }
         let (slot, token_id) = slot.ok_or_else(|| no_token_message(&opts.token_label, &seen))?;
         let token = Arc::new(Token {
