@@ -116,8 +116,89 @@ async fn cold_start_unwraps_once_per_kek() {
     assert_eq!(field(&json, "unwraps"), 3, "{json}");
 }
 
+/// Runs kms-bench in `cwd` with `args` as given; returns (success, stdout, stderr).
+fn bench_in(cwd: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BENCH)
+        .current_dir(cwd)
+        .args(args)
+        .env("KMS_PLUGIN_METRICS__ADDRESS", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[tokio::test]
 async fn startup_reports_each_start() {
-    let json = bench(&["startup", "--plugin", BIN, "--repeat", "2"]).await;
+    // No --plugin: the kms-plugin next to kms-bench, whatever the current directory.
+    let json = bench(&["startup", "--repeat", "2"]).await;
     assert_clean(&json, 2);
+    assert!(!json.contains("ops_per_sec"), "{json}");
+    let dir = Dir::new();
+    let (ok, text, err) = tokio::task::spawn_blocking(move || bench_in(&dir.path(""), &["startup", "--repeat", "1"]))
+        .await
+        .unwrap();
+    assert!(ok, "{text}{err}");
+    assert!(text.contains("calls 1  errors 0"), "{text}");
+    assert!(!text.contains("throughput"), "startup has no throughput: {text}");
+}
+
+#[tokio::test]
+async fn a_relative_socket_is_taken_from_the_current_directory() {
+    let dir = Dir::new();
+    let plugin = Plugin::start(&dir.config(&dir.socket(), "root.key", &[], "")).await;
+    let socket = std::path::PathBuf::from(&plugin.socket);
+    let (parent, name) = (
+        socket.parent().unwrap().to_owned(),
+        socket.file_name().unwrap().to_owned(),
+    );
+    let (ok, text, err) = tokio::task::spawn_blocking(move || {
+        bench_in(
+            &parent,
+            &[
+                "decrypt",
+                "--socket",
+                name.to_str().unwrap(),
+                "--count",
+                "2",
+                "--warmup",
+                "0s",
+                "--seeds",
+                "1",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{text}{err}");
+    assert!(text.contains("calls 2  errors 0"), "{text}");
+    plugin.stop().await;
+}
+
+#[test]
+fn each_scenario_has_its_own_help() {
+    let (ok, help, err) = bench_in(std::path::Path::new("/"), &["decrypt", "--help"]);
+    assert!(ok, "{err}");
+    assert!(help.starts_with("Hot Decrypt"), "{help}");
+    assert!(help.contains("--socket <SOCKET>") && help.contains("--seeds"), "{help}");
+    // Options of other scenarios are not offered.
+    for other in ["--repeat", "--keks", "--echo-threads", "--mix", "--plugin"] {
+        assert!(!help.contains(other), "{other} in decrypt's help:\n{help}");
+    }
+    let (_, help, _) = bench_in(std::path::Path::new("/"), &["--help"]);
+    for scenario in [
+        "status",
+        "encrypt",
+        "decrypt",
+        "mixed",
+        "tampered",
+        "floor",
+        "cold-start",
+        "startup",
+    ] {
+        assert!(help.contains(&format!("  {scenario} ")), "{scenario} missing:\n{help}");
+    }
 }

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs what the tests need, idempotently, and exports where the test servers are.
 # Sourced by integration/test.sh (the README's test command) and integration/e2e.sh.
-# Debian packages: SoftHSM2 (PKCS#11 token), OpenSC's pkcs11-tool (creates AES keys on it), and
-# etcd (a real etcd for `kms-plugin inventory`; the tests start their own, never the service).
+# Debian packages: SoftHSM2 (PKCS#11 token), OpenSC's pkcs11-tool (creates AES keys on it),
+# etcd (a real etcd for `kms-plugin inventory`; the tests start their own, never the service),
+# and OpenSSL (certificates for the TLS servers; the README's set-up blocks use it too).
 need_apt=()
 [ -e /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null || need_apt+=(softhsm2)
 command -v pkcs11-tool >/dev/null || need_apt+=(opensc)
 [ -x /usr/bin/etcd ] || need_apt+=(etcd-server)
 [ -x /usr/bin/time ] || need_apt+=(time)  # peak RSS of a child (inventory's memory test)
+command -v openssl >/dev/null || need_apt+=(openssl)  # TLS test PKI; the README's KMIP set-up
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq

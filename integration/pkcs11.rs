@@ -32,6 +32,47 @@ async fn missing_key_at_start_up_is_a_clear_error() {
 }
 
 #[tokio::test]
+async fn unknown_token_label_lists_the_labels_seen() {
+    let dir = Dir::new();
+    let hsm = SoftHsm::new(&dir);
+    hsm.keygen("root-1");
+    let config = hsm.config(&dir, "root-1", &[], &hsm.pin_file, "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace(&hsm.token, "no-such-token")).unwrap();
+    let out = hsm
+        .cmd(BIN)
+        .args(["check", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    // Exactly the initialised tokens (SoftHSM2's blank spare one is left out).
+    assert!(
+        stderr.trim_end().ends_with(&format!(
+            "no PKCS#11 token labelled \"no-such-token\"; tokens seen: \"{}\"",
+            hsm.token
+        )),
+        "{stderr}"
+    );
+    // A module with no initialised token says so.
+    let empty = dir.path("empty-tokens");
+    std::fs::create_dir_all(&empty).unwrap();
+    let conf = dir.path("empty-softhsm2.conf");
+    std::fs::write(&conf, format!("directories.tokendir = {}\n", empty.display())).unwrap();
+    let out = hsm
+        .cmd(BIN)
+        .env("SOFTHSM2_CONF", &conf)
+        .args(["check", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no PKCS#11 token labelled \"no-such-token\": the module shows no initialised token"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
 async fn wrong_pin_is_reported_once_and_never_retried() {
     let dir = Dir::new();
     let hsm = SoftHsm::new(&dir);

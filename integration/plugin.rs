@@ -18,6 +18,7 @@ mod memory;
 mod ops;
 mod pkcs11;
 mod protocol;
+mod readme;
 mod reload;
 mod socket;
 mod suite;

@@ -291,6 +291,15 @@ impl Token {
     }
 }
 
+/// Start-up error when no token carries the configured label: names the labels that were seen.
+fn no_token_message(wanted: &str, seen: &[String]) -> String {
+    if seen.is_empty() {
+        format!("no PKCS#11 token labelled {wanted:?}: the module shows no initialised token")
+    } else {
+        format!("no PKCS#11 token labelled {wanted:?}; tokens seen: {}", seen.join(", "))
+    }
+}
+
 fn read_pin(source: &PinSource) -> Result<AuthPin, String> {
     let pin = match source {
         PinSource::Env(var) => std::env::var(var).map_err(|_| format!("PIN environment variable {var} is not set"))?,
@@ -348,14 +357,21 @@ impl Pkcs11Backend {
             Err(e) => return Err(format!("C_Initialize: {e}")),
         }
         let mut slot = None;
+        // The labels seen, so a typo or a token initialised under another label is obvious.
+        let mut seen = Vec::new();
         for s in ctx.get_slots_with_token().map_err(|e| format!("listing slots: {e}"))? {
             let info = ctx.get_token_info(s).map_err(|e| format!("token info: {e}"))?;
-            if info.label().trim_end() == opts.token_label {
+            let label = info.label().trim_end();
+            if label == opts.token_label {
                 slot = Some((s, format!("{}\0", opts.token_label)));
                 break;
             }
+            // SoftHSM2 always offers one uninitialised token: its blank label would only confuse.
+            if info.token_initialized() {
+                seen.push(format!("{label:?}"));
+            }
         }
-        let (slot, token_id) = slot.ok_or_else(|| format!("no PKCS#11 token labelled {:?}", opts.token_label))?;
+        let (slot, token_id) = slot.ok_or_else(|| no_token_message(&opts.token_label, &seen))?;
         let token = Arc::new(Token {
             ctx,
             slot,

@@ -110,7 +110,7 @@ fn kek_identity(r: &DecryptRequest) -> Vec<u8> {
 }
 
 pub async fn run(args: &Args) -> Result<Report, String> {
-    let n = args.seeds.unwrap_or(10_000);
+    let n = args.seeds;
     let k = args.keks;
     if n == 0 || k == 0 || k > n {
         return Err("cold-start needs 1 <= --keks <= --seeds".into());
@@ -246,7 +246,7 @@ pub async fn startup(args: &Args) -> Result<Report, String> {
         proc.stop().await?;
     }
     measured.elapsed = started.elapsed();
-    let mut report = Report::new("startup", 1, 1, measured);
+    let mut report = Report::new("startup", 1, 1, measured).without_throughput();
     if let Some(max) = rss_kib.iter().max() {
         report = report.extra("rss_after_ready_kib", Extra::Int(*max));
     }

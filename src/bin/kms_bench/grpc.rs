@@ -230,11 +230,7 @@ pub async fn run(args: &Args) -> Result<Report, String> {
         other => unreachable!("{} is not a gRPC scenario", other.name()),
     };
     let needs_seeds = plan.iter().any(|c| matches!(c, Call::Decrypt | Call::Tampered));
-    let n_seeds = if needs_seeds {
-        args.seeds.unwrap_or(16).max(1)
-    } else {
-        0
-    };
+    let n_seeds = if needs_seeds { args.seeds.max(1) } else { 0 };
     let seeds = Arc::new(make_seeds(&mut clients[0], n_seeds, args.plaintext_bytes).await?);
     let plan: Arc<[Call]> = plan.into();
     let run_nonce = u64::from_le_bytes(random_bytes(8).try_into().expect("8 bytes"));

@@ -18,6 +18,9 @@ pub struct Report {
     pub measured: Measured,
     /// Extra facts, in order (cold-start unwraps, floor sizes, ...).
     pub extras: Vec<(&'static str, Extra)>,
+    /// Whether calls per second mean anything (not for startup: its samples run one after
+    /// another, each including a process start).
+    pub throughput: bool,
 }
 
 impl Report {
@@ -28,7 +31,14 @@ impl Report {
             connections,
             measured,
             extras: Vec::new(),
+            throughput: true,
         }
+    }
+
+    /// A report of samples that are not calls under load: no throughput in text or JSON.
+    pub fn without_throughput(mut self) -> Self {
+        self.throughput = false;
+        self
     }
 
     pub fn extra(mut self, key: &'static str, value: Extra) -> Self {
@@ -88,13 +98,11 @@ impl Report {
             self.connections,
             self.measured.elapsed.as_secs_f64()
         );
-        let _ = writeln!(
-            s,
-            "  calls {}  errors {}  throughput {:.0} ops/s",
-            self.ops(),
-            self.errors_total(),
-            self.ops_per_sec()
-        );
+        let _ = write!(s, "  calls {}  errors {}", self.ops(), self.errors_total());
+        if self.throughput {
+            let _ = write!(s, "  throughput {:.0} ops/s", self.ops_per_sec());
+        }
+        s.push('\n');
         let lat: Vec<String> = self.latencies().iter().map(|(k, v)| format!("{k} {v:.1}")).collect();
         let _ = writeln!(s, "  latency us: {}", lat.join("  "));
         if !self.measured.errors.is_empty() {
@@ -111,15 +119,17 @@ impl Report {
         let mut s = String::from("{");
         let _ = write!(
             s,
-            "\"scenario\":\"{}\",\"concurrency\":{},\"connections\":{},\"ops\":{},\"errors_total\":{},\"elapsed_s\":{:.6},\"ops_per_sec\":{:.1}",
+            "\"scenario\":\"{}\",\"concurrency\":{},\"connections\":{},\"ops\":{},\"errors_total\":{},\"elapsed_s\":{:.6}",
             self.scenario,
             self.concurrency,
             self.connections,
             self.ops(),
             self.errors_total(),
             self.measured.elapsed.as_secs_f64(),
-            self.ops_per_sec()
         );
+        if self.throughput {
+            let _ = write!(s, ",\"ops_per_sec\":{:.1}", self.ops_per_sec());
+        }
         for (k, v) in self.latencies() {
             let _ = write!(s, ",\"{k}_us\":{v:.1}");
         }
