@@ -143,6 +143,8 @@ async fn outage_keeps_hot_paths_working_and_recovers() {
 
     moto.pause(false);
     assert_eq!(status_until(&mut c, |r| r.is_ok()).await, Ok(k.clone()));
+    // What docs/operations.md tells the operator to look for once an outage is over.
+    assert!(plugin.wait_log("backend healthy again").await, "{}", plugin.logs());
     assert_eq!(decrypt(&mut c, &cold).await.unwrap(), cold_seed);
     plugin.stop().await;
 }

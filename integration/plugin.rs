@@ -14,6 +14,7 @@ mod inventory;
 mod kmip;
 mod kmip_answers;
 mod layering;
+mod messages;
 mod ops;
 mod pkcs11;
 mod protocol;

@@ -65,10 +65,30 @@ fn classify<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> ErrorKind {
     }
 }
 
-fn err<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+/// Whether the SDK found no credentials at all: every provider of the default chain said "not
+/// loaded" (the IMDS one too when it cannot be reached, or is disabled).
+fn no_credentials(e: &(dyn std::error::Error + 'static)) -> bool {
+    use aws_credential_types::provider::error::CredentialsError;
+    let mut source = Some(e);
+    while let Some(e) = source {
+        if let Some(CredentialsError::CredentialsNotLoaded(_)) = e.downcast_ref::<CredentialsError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// What to do about no credentials, instead of the SDK's page of debug output.
+const NO_CREDENTIALS: &str = "no AWS credentials found (environment, profile, web identity, IMDS): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or AWS_ROLE_ARN with AWS_WEB_IDENTITY_TOKEN_FILE, or run where the instance metadata service answers";
+
+fn err<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug + 'static>(
     e: SdkError<E, R>,
     what: &str,
 ) -> BackendError {
+    if !matches!(e, SdkError::ServiceError(_)) && no_credentials(&e) {
+        return BackendError::new(ErrorKind::Configuration, format!("aws {what}: {NO_CREDENTIALS}"));
+    }
     let kind = classify(&e);
     let detail = match &e {
         SdkError::ServiceError(s) => format!(
@@ -122,7 +142,8 @@ impl AwsBackend {
         };
         match backend.resolve().await {
             Ok(_) => {}
-            Err(e) if e.kind == ErrorKind::Transient => {
+            // Credentials may still appear (an instance metadata service that is not up yet).
+            Err(e) if matches!(e.kind, ErrorKind::Transient | ErrorKind::Configuration) => {
                 tracing::warn!(error = %e, "aws: key not resolved at start-up; will retry in the background")
             }
             Err(e) => return Err(e.detail),
@@ -192,6 +213,18 @@ impl Backend for AwsBackend {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .contains(key_id)
+    }
+
+    fn decrypt_only(&self) -> Vec<(String, String)> {
+        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out: Vec<(String, String)> = known
+            .iter()
+            .filter(|arn| Some(*arn) != current.as_ref())
+            .map(|arn| (arn.clone(), arn.clone()))
+            .collect();
+        out.sort();
+        out
     }
 
     fn remembered(&self) -> Vec<(String, String)> {
