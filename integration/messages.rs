@@ -226,6 +226,28 @@ async fn aws_without_credentials_is_a_configuration_error_in_one_line() {
         "{stderr}"
     );
     assert!(stderr.len() < 600, "{} characters: {stderr}", stderr.len());
+    // serve starts anyway (credentials may yet appear) and treats it as an outage, not a
+    // revocation. Status fails; its log line shows no key yet as `-`, never the hash of "".
+    let plugin = Plugin::spawn_env(&["serve", "--config", config.to_str().unwrap()], &dir.socket(), &env);
+    let code = loop {
+        if let Ok(mut c) = plugin.try_client().await {
+            break c
+                .status(kms_plugin::proto::v2::StatusRequest {})
+                .await
+                .unwrap_err()
+                .code();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(code, tonic::Code::Unavailable);
+    assert!(plugin.wait_log("failed").await, "{}", plugin.logs());
+    let logs = plugin.logs();
+    assert!(line(&logs, "method=\"Status\"").contains("key_id_hash=- "), "{logs}");
+    assert!(!logs.contains("e3b0c442"), "the hash of an empty key_id: {logs}");
+    assert!(!logs.contains("root key unusable"), "{logs}");
+    let (_, metrics) = plugin.http_get("/metrics").await;
+    assert!(metrics.contains("outcome=\"configuration\""), "{metrics}");
+    plugin.stop().await;
     // With credentials the same configuration passes: the message was about them alone.
     let creds: Vec<(&str, String)> = Moto::env();
     let mut with: Vec<(&str, &str)> = creds.iter().map(|(k, v)| (*k, v.as_str())).collect();
