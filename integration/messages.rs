@@ -226,6 +226,39 @@ async fn aws_without_credentials_is_a_configuration_error_in_one_line() {
         "{stderr}"
     );
     assert!(stderr.len() < 600, "{} characters: {stderr}", stderr.len());
+    // An instance metadata service that refuses (403, as one with IMDSv2 off-limits does):
+    // the same one line, with what it said, and none of the SDK's debug dump.
+    let imds = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let imds_url = format!("http://{}", imds.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in imds.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut buf = [0u8; 4096];
+            let _ = std::io::Read::read(&mut stream, &mut buf);
+            let _ = std::io::Write::write_all(
+                &mut stream,
+                b"HTTP/1.1 403 Forbidden\r\ncontent-length: 9\r\nconnection: close\r\n\r\nforbidden",
+            );
+        }
+    });
+    let refused = [
+        ("HOME", home.to_str().unwrap()),
+        ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds_url.as_str()),
+    ];
+    let (ok, _, stderr) = check(&config, &refused);
+    assert!(!ok);
+    assert!(
+        stderr.contains(
+            "Configuration: aws DescribeKey: no AWS credentials found (environment, profile, web identity, IMDS)"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("IMDS session token"), "{stderr}");
+    assert!(
+        !stderr.contains("DispatchFailure") && !stderr.contains("HeaderValue"),
+        "{stderr}"
+    );
+    assert!(stderr.len() < 800, "{} characters: {stderr}", stderr.len());
     // serve starts anyway (credentials may yet appear) and treats it as an outage, not a
     // revocation. Status fails; its log line shows no key yet as `-`, never the hash of "".
     let plugin = Plugin::spawn_env(&["serve", "--config", config.to_str().unwrap()], &dir.socket(), &env);

@@ -65,29 +65,47 @@ fn classify<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> ErrorKind {
     }
 }
 
-/// Whether the SDK found no credentials at all: every provider of the default chain said "not
-/// loaded" (the IMDS one too when it cannot be reached, or is disabled).
-fn no_credentials(e: &(dyn std::error::Error + 'static)) -> bool {
-    use aws_credential_types::provider::error::CredentialsError;
+/// The credentials error in `e`'s chain, if the SDK got no credentials to sign with.
+fn credentials_error<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a aws_credential_types::provider::error::CredentialsError> {
     let mut source = Some(e);
     while let Some(e) = source {
-        if let Some(CredentialsError::CredentialsNotLoaded(_)) = e.downcast_ref::<CredentialsError>() {
-            return true;
+        if let Some(found) = e.downcast_ref() {
+            return Some(found);
         }
         source = e.source();
     }
-    false
+    None
 }
 
 /// What to do about no credentials, instead of the SDK's page of debug output.
 const NO_CREDENTIALS: &str = "no AWS credentials found (environment, profile, web identity, IMDS): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or AWS_ROLE_ARN with AWS_WEB_IDENTITY_TOKEN_FILE, or run where the instance metadata service answers";
 
+/// No credentials is the plugin's set-up to fix, whatever the last provider of the chain said
+/// (every provider "not loaded", or an instance metadata service that refused): a
+/// configuration error, an outage until fixed, never a revocation.
+fn no_credentials(what: &str, e: &aws_credential_types::provider::error::CredentialsError) -> BackendError {
+    use aws_credential_types::provider::error::CredentialsError;
+    let detail = match e {
+        CredentialsError::CredentialsNotLoaded(_) => format!("aws {what}: {NO_CREDENTIALS}"),
+        // Display texts only: the Debug form carries whole HTTP responses.
+        other => {
+            let said: String = super::tls::error_chain(other).chars().take(300).collect();
+            format!("aws {what}: {NO_CREDENTIALS} (the last provider tried: {said})")
+        }
+    };
+    BackendError::new(ErrorKind::Configuration, detail)
+}
+
 fn err<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug + 'static>(
     e: SdkError<E, R>,
     what: &str,
 ) -> BackendError {
-    if !matches!(e, SdkError::ServiceError(_)) && no_credentials(&e) {
-        return BackendError::new(ErrorKind::Configuration, format!("aws {what}: {NO_CREDENTIALS}"));
+    if !matches!(e, SdkError::ServiceError(_))
+        && let Some(c) = credentials_error(&e)
+    {
+        return no_credentials(what, c);
     }
     let kind = classify(&e);
     let detail = match &e {
