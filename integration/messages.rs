@@ -338,3 +338,24 @@ async fn kmip_rotation_logs_the_old_and_new_unique_identifiers() {
     assert!(moved.contains(&format!("new_uid={new}")), "{moved}");
     plugin.stop().await;
 }
+
+#[test]
+fn pkcs11_check_lists_a_decrypt_only_label() {
+    let dir = Dir::new();
+    let hsm = crate::common::softhsm::SoftHsm::new(&dir);
+    hsm.keygen("root-1");
+    hsm.keygen("root-2");
+    let env = hsm.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (ok, stdout, stderr) = check(&hsm.config(&dir, "root-2", &["root-1"], &hsm.pin_file, ""), &env);
+    assert!(ok, "{stderr}");
+    let listed = line(&stdout, "decrypt-only keys:");
+    assert!(
+        listed.contains("pkcs11:") && listed.contains("label \"root-1\""),
+        "{stdout}"
+    );
+    assert!(!listed.contains("root-2"), "{stdout}");
+    let (ok, stdout, stderr) = check(&hsm.config(&dir, "root-2", &[], &hsm.pin_file, ""), &env);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("decrypt-only keys: none"), "{stdout}");
+}
