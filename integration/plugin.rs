@@ -15,6 +15,7 @@ mod kmip;
 mod kmip_answers;
 mod layering;
 mod memory;
+mod messages;
 mod ops;
 mod pkcs11;
 mod protocol;

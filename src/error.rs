@@ -78,7 +78,7 @@ impl Error {
             Error::Envelope(_) => Code::InvalidArgument,
             Error::UnknownKeyId => Code::NotFound,
             Error::Backend(e) => match e.kind {
-                ErrorKind::Transient => Code::Unavailable,
+                ErrorKind::Transient | ErrorKind::Configuration => Code::Unavailable,
                 ErrorKind::Denied => Code::PermissionDenied,
                 ErrorKind::KeyUnusable => Code::FailedPrecondition,
                 ErrorKind::UnknownKey => Code::NotFound,
@@ -98,6 +98,9 @@ impl Error {
         let msg = match self {
             Error::Backend(e) => match e.kind {
                 ErrorKind::Transient => "remote KMS unavailable".to_string(),
+                ErrorKind::Configuration => {
+                    "remote KMS unavailable: the plugin's set-up is incomplete (see its log)".to_string()
+                }
                 ErrorKind::Denied => "remote KMS denied access".to_string(),
                 ErrorKind::KeyUnusable => "root key is disabled or deleted".to_string(),
                 ErrorKind::UnknownKey => "key_id is not known to this plugin".to_string(),

@@ -68,6 +68,9 @@ pub async fn run(
 ) -> Result<(), StartError> {
     // Everything that can be checked is checked before anything is bound or built: a refused
     // socket directory is reported as that, whatever else (a taken metrics port) is wrong too.
+    for warning in settings.warnings() {
+        warn!("{warning}");
+    }
     let address: server::socket::SocketAddress = settings.socket.path.parse().map_err(StartError::Address)?;
     server::socket::preflight(&address, settings.socket.group.as_deref())?;
     if let Err(e) = ops::hygiene::harden() {
@@ -106,7 +109,12 @@ pub async fn run(
             let address = settings.metrics.address;
             let listener = match ops::http::bind(address).await {
                 Err(e) if settings.dev_mode && e.kind() == std::io::ErrorKind::AddrInUse => {
-                    warn!(%address, "metrics.address is in use; development mode serves /metrics on a free loopback port instead (set KMS_PLUGIN_METRICS__ADDRESS to choose)");
+                    // Only a default address earns the hint: one the operator chose is in use.
+                    let hint = match std::env::var_os("KMS_PLUGIN_METRICS__ADDRESS") {
+                        Some(_) => "",
+                        None => " (set KMS_PLUGIN_METRICS__ADDRESS to choose)",
+                    };
+                    warn!(%address, "metrics.address is in use; development mode serves /metrics on a free loopback port instead{hint}");
                     ops::http::bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).await
                 }
                 other => other,
@@ -137,6 +145,7 @@ pub async fn run(
         backend = keys.backend().name(),
         version = settings.status.version.as_str(),
         key_id_hash = %key_id,
+        decrypt_only = %logging::key_list(&keys.backend().decrypt_only()),
         "serving KMS v2"
     );
 

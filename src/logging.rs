@@ -125,3 +125,47 @@ pub fn short_uid(uid: &str) -> &str {
     }
     &uid[..end]
 }
+
+/// `n` and `noun`, plural unless `n` is 1 ("1 local KEK", "2 local KEKs").
+pub fn counted(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// A backend's decrypt-only keys on one line, each as `key_id (hash, name)`; `none` if there
+/// are none. key_ids are public (the apiserver stores them in every object), so they are shown
+/// whole: the operator compares them with the configuration.
+pub fn key_list(keys: &[(String, String)]) -> String {
+    if keys.is_empty() {
+        return "none".into();
+    }
+    let shown: Vec<String> = keys
+        .iter()
+        .map(|(id, name)| {
+            let id_shown = if id.is_empty() { "-" } else { id.as_str() };
+            format!("{id_shown} ({}, {name})", KeyIdHash(id))
+        })
+        .collect();
+    shown.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_key_lists_read_as_english() {
+        assert_eq!(counted(1, "local KEK"), "1 local KEK");
+        assert_eq!(counted(0, "local KEK"), "0 local KEKs");
+        assert_eq!(counted(2, "object"), "2 objects");
+        assert_eq!(key_list(&[]), "none");
+        let listed = key_list(&[("local:ab".into(), "/k".into()), (String::new(), "uid \"7\"".into())]);
+        assert_eq!(
+            listed,
+            format!("local:ab ({}, /k); - (-, uid \"7\")", KeyIdHash("local:ab"))
+        );
+    }
+}

@@ -362,14 +362,20 @@ async fn shutdown_signal() {
 
 async fn check(config: Option<PathBuf>) -> Result<(), String> {
     let settings = load(config.as_deref())?;
+    for warning in settings.warnings() {
+        eprintln!("kms-plugin: warning: {warning}");
+    }
     let address: server::socket::SocketAddress = settings.socket.path.parse()?;
     server::socket::preflight(&address, settings.socket.group.as_deref()).map_err(|e| e.to_string())?;
     let backend = kms_plugin::build_backend(&settings).await.map_err(|e| e.to_string())?;
     let key_id = kms_plugin::keys::self_test::self_test(backend.as_ref()).await?.key_id;
     println!(
-        "ok: backend {} current key_id {key_id}; wrap/unwrap round trip succeeded",
-        backend.name()
+        "ok: backend {} current key_id {key_id} ({}); wrap/unwrap round trip succeeded",
+        backend.name(),
+        logging::KeyIdHash(&key_id)
     );
+    // After the probe: a backend resolves its older keys there.
+    println!("decrypt-only keys: {}", logging::key_list(&backend.decrypt_only()));
     Ok(())
 }
 

@@ -181,6 +181,7 @@ impl Reloader {
         let passed = crate::keys::self_test::self_test(backend.as_ref()).await?;
         let first = (passed.kek, passed.wrapped);
         let key_id_hash = crate::logging::KeyIdHash(&first.1.key_id).to_string();
+        let decrypt_only = crate::logging::key_list(&backend.decrypt_only());
         let purged = self
             .keys
             .replace(
@@ -200,7 +201,8 @@ impl Reloader {
         self.settings = new;
         self.fingerprint = loaded;
         Ok(format!(
-            "current key_id_hash {key_id_hash}, {purged} cached KEKs of removed keys purged"
+            "current key_id_hash {key_id_hash}, decrypt-only keys: {decrypt_only}, {} of removed keys purged",
+            crate::logging::counted(purged as u64, "cached KEK")
         ))
     }
 }

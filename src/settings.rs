@@ -51,6 +51,10 @@ pub struct Settings {
     /// to try next. Not settable from a file.
     #[serde(skip)]
     pub dev_mode: bool,
+    /// `KMS_PLUGIN_*` variables that are not settings (a typo such as a single underscore),
+    /// found by [`Settings::load_with`]; reported by [`Settings::warnings`].
+    #[serde(skip)]
+    ignored_env: Vec<String>,
 }
 
 /// `/metrics`, `/livez`, `/readyz`, `/healthz` over plain HTTP on a loopback address.
@@ -395,6 +399,49 @@ const ENV_PREFIX: &str = "KMS_PLUGIN_";
 /// Top-level keys that are not sections.
 const TOP_LEVEL_KEYS: &[&str] = &["shutdown_grace"];
 
+/// The sections of the file, to suggest the right spelling of a mistyped variable.
+const SECTIONS: &[&str] = &[
+    "socket", "kek", "backend", "probe", "status", "log", "metrics", "process", "reload", "bench",
+];
+
+/// Why `name`, a `KMS_PLUGIN_*` variable that is no setting, was ignored. Only the name is
+/// shown: the value may be a secret.
+fn ignored_env_warning(name: &str) -> String {
+    let rest = name.strip_prefix(ENV_PREFIX).unwrap_or(name).to_ascii_lowercase();
+    let hint = SECTIONS
+        .iter()
+        .find_map(|s| rest.strip_prefix(&format!("{s}_")).map(|field| (s, field)))
+        .filter(|(_, field)| !field.is_empty())
+        .map(|(s, field)| {
+            format!(
+                " (did you mean {ENV_PREFIX}{}__{}?)",
+                s.to_ascii_uppercase(),
+                field.to_ascii_uppercase()
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "environment variable {name} is not a setting and is ignored: settings are {ENV_PREFIX}<SECTION>__<FIELD>, with two underscores{hint}"
+    )
+}
+
+/// Adds the environment variable to an error about a setting it gave, so the operator looks
+/// at the environment rather than the file.
+fn name_env_variable(e: SettingsError, from_env: &[(String, String)]) -> SettingsError {
+    let msg = &e.0;
+    let named = from_env.iter().find(|(key, _)| {
+        let field = key.rsplit('.').next().unwrap_or(key);
+        msg.contains(&format!("`{key}`"))
+            || msg.starts_with(&format!("{key} "))
+            || msg.starts_with(&format!("{key}:"))
+            || msg.contains(&format!("unknown field `{field}`"))
+    });
+    match named {
+        Some((_, name)) => SettingsError(format!("{msg} (set by environment variable {name})")),
+        None => e,
+    }
+}
+
 /// Settings that are lists; from the environment they are comma-separated.
 const LIST_KEYS: &[&str] = &[
     "socket.allowed_uids",
@@ -452,9 +499,8 @@ impl Settings {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, SettingsError> {
         let mut builder = ::config::Config::builder();
-        // Environment-only configuration must at least name the backend; a stray variable such
-        // as a metrics address alone is not a configuration.
-        let mut backend_from_env = false;
+        let mut from_env = Vec::new();
+        let mut ignored_env = Vec::new();
         if let Some(text) = base {
             builder = builder.add_source(::config::File::from_str(text, ::config::FileFormat::Toml));
         }
@@ -465,10 +511,11 @@ impl Settings {
             // Settings are SECTION__FIELD, or a top-level key; other KMS_PLUGIN_* variables
             // (a PIN in `pin_env = "KMS_PLUGIN_PIN"`, say) are not settings.
             if !rest.contains("__") && !TOP_LEVEL_KEYS.contains(&rest.to_ascii_lowercase().as_str()) {
+                ignored_env.push(name);
                 continue;
             }
             let key = rest.to_ascii_lowercase().replace("__", ".");
-            backend_from_env |= key == "backend.type";
+            from_env.push((key.clone(), name.clone()));
             // Values stay strings (the config crate converts them to numbers on
             // deserialisation), so an octal "0600" is never read as decimal 600.
             builder = if LIST_KEYS.contains(&key.as_str()) {
@@ -484,14 +531,38 @@ impl Settings {
             }
             .map_err(|e| SettingsError(format!("{name}: {e}")))?;
         }
-        if base.is_none() && !backend_from_env {
+        // Environment-only configuration must at least name the backend; a stray variable such
+        // as a metrics address alone is not a configuration.
+        if base.is_none() && !from_env.iter().any(|(key, _)| key == "backend.type") {
             return Err(SettingsError(
                 "no configuration: pass --config FILE (see deploy/config.toml), set KMS_PLUGIN_BACKEND__TYPE \
                  and the backend's settings in the environment, or try `serve --dev DIR`"
                     .into(),
             ));
         }
-        Self::from_config(builder)
+        let mut settings = Self::from_config(builder).map_err(|e| name_env_variable(e, &from_env))?;
+        // A PIN variable the settings name is no typo.
+        let pin_env = match &settings.backend {
+            BackendSettings::Pkcs11(p) => p.pin_env.clone(),
+            _ => None,
+        };
+        ignored_env.retain(|name| Some(name) != pin_env.as_ref());
+        ignored_env.sort();
+        settings.ignored_env = ignored_env;
+        Ok(settings)
+    }
+
+    /// What is accepted but probably not meant: `KMS_PLUGIN_*` variables that are no setting,
+    /// and a socket any local user may connect to. `serve` logs them, `check` prints them.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.ignored_env.iter().map(|n| ignored_env_warning(n)).collect();
+        if self.socket.mode & 0o002 != 0 {
+            out.push(format!(
+                "socket.mode {:04o} lets every local user connect to the socket, and anyone who can connect can Decrypt; use 0600 (or 0660 with socket.group)",
+                self.socket.mode
+            ));
+        }
+        out
     }
 
     /// Parses a TOML string (tests, `check`).
@@ -671,6 +742,55 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn unrecognised_variables_and_open_sockets_are_warned_about() {
+        let pkcs11 = "[backend]\ntype = \"pkcs11\"\nmodule = \"/m.so\"\ntoken_label = \"t\"\npin_env = \"KMS_PLUGIN_PIN\"\ncurrent_key_label = \"k\"\n";
+        let s = Settings::load_with(
+            Some(pkcs11),
+            env(&[
+                ("KMS_PLUGIN_KEK_MAX_AGE", "1h"),
+                ("KMS_PLUGIN_PIN", "1234"),
+                ("KMS_PLUGIN_SOCKET__MODE", "666"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        let w = s.warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("KMS_PLUGIN_KEK_MAX_AGE is not a setting") && w[0].contains("KMS_PLUGIN_KEK__MAX_AGE?"));
+        assert!(
+            w[1].starts_with("socket.mode 0666 lets every local user connect"),
+            "{w:?}"
+        );
+        assert!(!w.iter().any(|w| w.contains("KMS_PLUGIN_PIN") || w.contains("1234")));
+        // No section prefix: no suggestion.
+        assert!(!ignored_env_warning("KMS_PLUGIN_FOO").contains("did you mean"));
+        let quiet = Settings::load_with(Some(MIN), env(&[("KMS_PLUGIN_SOCKET__MODE", "0660")])).unwrap();
+        assert!(quiet.warnings().is_empty());
+    }
+
+    #[test]
+    fn an_error_from_the_environment_names_the_variable() {
+        for (name, value, field) in [
+            ("KMS_PLUGIN_KEK__MAX_AGE", "abc", "kek.max_age"),
+            ("KMS_PLUGIN_KEK__MAX_USES", "0", "kek.max_uses"),
+            ("KMS_PLUGIN_KEK__MAXAGE", "1h", "maxage"),
+        ] {
+            let e = Settings::load_with(Some(MIN), env(&[(name, value)]))
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(field) && e.contains(&format!("set by environment variable {name}")),
+                "{e}"
+            );
+        }
+        let e = Settings::load_with(Some(&format!("[kek]\nmax_age = \"abc\"\n{MIN}")), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("environment variable"), "{e}");
     }
 
     #[test]

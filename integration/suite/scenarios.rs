@@ -201,6 +201,8 @@ pub async fn outage_keeps_hot_paths_and_heals<S: RemoteServer>() {
     case.server.restart().await;
     let now = eventually_some("Status to recover", || async { try_status(&c).await.ok() }).await;
     assert_eq!(now.key_id, key_id);
+    // What docs/operations.md tells the operator to look for once an outage is over.
+    assert!(plugin.wait_log("backend healthy again").await, "{}", plugin.logs());
     let opened = eventually_some("the cold Decrypt to succeed", || async {
         decrypt(&mut c.clone(), &cold).await.ok()
     })

@@ -65,10 +65,48 @@ fn classify<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> ErrorKind {
     }
 }
 
-fn err<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+/// The credentials error in `e`'s chain, if the SDK got no credentials to sign with.
+fn credentials_error<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a aws_credential_types::provider::error::CredentialsError> {
+    let mut source = Some(e);
+    while let Some(e) = source {
+        if let Some(found) = e.downcast_ref() {
+            return Some(found);
+        }
+        source = e.source();
+    }
+    None
+}
+
+/// What to do about no credentials, instead of the SDK's page of debug output.
+const NO_CREDENTIALS: &str = "no AWS credentials found (environment, profile, web identity, IMDS): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or AWS_ROLE_ARN with AWS_WEB_IDENTITY_TOKEN_FILE, or run where the instance metadata service answers";
+
+/// No credentials is the plugin's set-up to fix, whatever the last provider of the chain said
+/// (every provider "not loaded", or an instance metadata service that refused): a
+/// configuration error, an outage until fixed, never a revocation.
+fn no_credentials(what: &str, e: &aws_credential_types::provider::error::CredentialsError) -> BackendError {
+    use aws_credential_types::provider::error::CredentialsError;
+    let detail = match e {
+        CredentialsError::CredentialsNotLoaded(_) => format!("aws {what}: {NO_CREDENTIALS}"),
+        // Display texts only: the Debug form carries whole HTTP responses.
+        other => {
+            let said: String = super::tls::error_chain(other).chars().take(300).collect();
+            format!("aws {what}: {NO_CREDENTIALS} (the last provider tried: {said})")
+        }
+    };
+    BackendError::new(ErrorKind::Configuration, detail)
+}
+
+fn err<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug + 'static>(
     e: SdkError<E, R>,
     what: &str,
 ) -> BackendError {
+    if !matches!(e, SdkError::ServiceError(_))
+        && let Some(c) = credentials_error(&e)
+    {
+        return no_credentials(what, c);
+    }
     let kind = classify(&e);
     let detail = match &e {
         SdkError::ServiceError(s) => format!(
@@ -122,7 +160,8 @@ impl AwsBackend {
         };
         match backend.resolve().await {
             Ok(_) => {}
-            Err(e) if e.kind == ErrorKind::Transient => {
+            // Credentials may still appear (an instance metadata service that is not up yet).
+            Err(e) if matches!(e.kind, ErrorKind::Transient | ErrorKind::Configuration) => {
                 tracing::warn!(error = %e, "aws: key not resolved at start-up; will retry in the background")
             }
             Err(e) => return Err(e.detail),
@@ -192,6 +231,18 @@ impl Backend for AwsBackend {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .contains(key_id)
+    }
+
+    fn decrypt_only(&self) -> Vec<(String, String)> {
+        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out: Vec<(String, String)> = known
+            .iter()
+            .filter(|arn| Some(*arn) != current.as_ref())
+            .map(|arn| (arn.clone(), arn.clone()))
+            .collect();
+        out.sort();
+        out
     }
 
     fn remembered(&self) -> Vec<(String, String)> {

@@ -26,6 +26,8 @@ const WRAP_AAD_DOMAIN: &[u8] = b"kms-plugin/local-wrap/v1\0";
 pub struct LocalBackend {
     current: String,
     keys: HashMap<String, Kek>,
+    /// (key_id, file) of each decrypt-only key, in configuration order.
+    decrypt_only: Vec<(String, String)>,
     rng: SystemRandom,
 }
 
@@ -36,8 +38,13 @@ pub enum KeyFileError {
     File(#[from] crate::secret_file::SecretFileError),
     #[error("root key file {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("root key file {path} holds {len} bytes; a root key is exactly 32 bytes")]
+    // Someone coming from `aescbc` writes the key in base64 (44 characters and a newline).
+    #[error(
+        "root key file {path} holds {len} bytes; a root key is 32 raw bytes, not base64 or hex text; use `kms-plugin keygen --out {path}`"
+    )]
     WrongLength { path: PathBuf, len: u64 },
+    #[error("root key file {path}: directory {dir} does not exist; create it first (mkdir -m 0700 -p {dir})")]
+    NoDirectory { path: PathBuf, dir: PathBuf },
     #[error("root key file {path} holds an all-zero key; generate one with `kms-plugin keygen`")]
     AllZero { path: PathBuf },
     #[error("root key file {path} holds the same key as another configured key file")]
@@ -51,9 +58,11 @@ impl LocalBackend {
         let current_id = key_id(&current_key);
         let mut keys = HashMap::new();
         keys.insert(current_id.clone(), current_key);
+        let mut names = Vec::new();
         for path in decrypt_only {
             let key = read_key_file(path)?;
             let id = key_id(&key);
+            names.push((id.clone(), path.display().to_string()));
             if keys.insert(id, key).is_some() {
                 return Err(KeyFileError::Duplicate { path: path.clone() });
             }
@@ -61,6 +70,7 @@ impl LocalBackend {
         Ok(Self {
             current: current_id,
             keys,
+            decrypt_only: names,
             rng: SystemRandom::new(),
         })
     }
@@ -70,9 +80,16 @@ impl LocalBackend {
         let current_id = key_id(&current);
         let mut keys: HashMap<String, Kek> = decrypt_only.into_iter().map(|k| (key_id(&k), k)).collect();
         keys.insert(current_id.clone(), current);
+        let mut names: Vec<(String, String)> = keys
+            .keys()
+            .filter(|id| **id != current_id)
+            .map(|id| (id.clone(), "(in memory)".to_string()))
+            .collect();
+        names.sort();
         Self {
             current: current_id,
             keys,
+            decrypt_only: names,
             rng: SystemRandom::new(),
         }
     }
@@ -101,7 +118,15 @@ fn read_key_file(path: &Path) -> Result<Kek, KeyFileError> {
         deny_mode: 0o077,
         max_len: KEY_LEN as u64 + 1,
     };
-    let bytes = crate::secret_file::read(path, &policy)?;
+    let bytes = match crate::secret_file::read(path, &policy) {
+        Err(crate::secret_file::SecretFileError::TooLong { len, .. }) => {
+            return Err(KeyFileError::WrongLength {
+                path: path.to_owned(),
+                len,
+            });
+        }
+        other => other?,
+    };
     if bytes.len() != KEY_LEN {
         return Err(KeyFileError::WrongLength {
             path: path.to_owned(),
@@ -127,7 +152,13 @@ pub fn generate_key_file(path: &Path) -> Result<String, KeyFileError> {
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(io)?;
+        .map_err(|e| match path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            Some(dir) if e.kind() == std::io::ErrorKind::NotFound && !dir.exists() => KeyFileError::NoDirectory {
+                path: path.to_owned(),
+                dir: dir.to_owned(),
+            },
+            _ => io(e),
+        })?;
     file.write_all(key.expose()).map_err(io)?;
     file.sync_all().map_err(io)?;
     Ok(key_id(&key))
@@ -145,6 +176,10 @@ impl Backend for LocalBackend {
 
     fn knows(&self, key_id: &str) -> bool {
         self.keys.contains_key(key_id)
+    }
+
+    fn decrypt_only(&self) -> Vec<(String, String)> {
+        self.decrypt_only.clone()
     }
 
     async fn wrap(&self, kek: &Kek) -> Result<Wrapped, BackendError> {

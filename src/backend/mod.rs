@@ -32,6 +32,9 @@ pub enum ErrorKind {
     Transient,
     /// The backend refused us (credentials, policy, wrong PIN).
     Denied,
+    /// The plugin's own set-up is incomplete (no credentials to sign with): nothing the key
+    /// manager said, so not a revocation; retrying helps only once someone fixes it.
+    Configuration,
     /// The root key exists but cannot be used (disabled, pending deletion, destroyed).
     KeyUnusable,
     /// The key_id does not name a root key this backend was configured with.
@@ -75,6 +78,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Unwraps `blob` under the root key named `key_id`.
     async fn unwrap(&self, key_id: &str, blob: &[u8]) -> Result<Kek, BackendError>;
+
+    /// The configured root keys other than the current one, as (key_id, the name the
+    /// configuration gives it), so an operator can confirm a key added for a rotation before
+    /// making it current. key_id is empty while not yet resolved.
+    fn decrypt_only(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 
     /// Why `key_id`, a key this backend knows, must not be used now (a version retired by the
     /// key manager, a deleted key), from what the last probe saw. In memory: called on every

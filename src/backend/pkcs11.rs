@@ -466,6 +466,18 @@ impl Backend for Pkcs11Backend {
             .contains_key(key_id)
     }
 
+    fn decrypt_only(&self) -> Vec<(String, String)> {
+        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out: Vec<(String, String)> = keys
+            .iter()
+            .filter(|(id, _)| **id != current)
+            .map(|(id, k)| (id.clone(), format!("label {:?}", k.label)))
+            .collect();
+        out.sort_by(|a, b| a.1.cmp(&b.1));
+        out
+    }
+
     async fn wrap(&self, kek: &Kek) -> Result<Wrapped, BackendError> {
         let key_id = self.current.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let key = self

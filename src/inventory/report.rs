@@ -12,7 +12,7 @@ use super::format::{EncryptedObject, Stored};
 use super::key_id::Wanted;
 use super::shown::{self, shown};
 use crate::contract::KEK_ANNOTATION;
-use crate::logging::KeyIdHash;
+use crate::logging::{KeyIdHash, counted};
 
 /// Object keys listed at most per list (with the full count beside them).
 pub const LISTED: usize = 20;
@@ -401,8 +401,10 @@ impl Report {
             );
             let _ = writeln!(
                 out,
-                "  this plugin   {} objects, {} DEK sources, {} local KEKs",
-                k.sealed_by_this_plugin, k.dek_sources, k.local_keks
+                "  this plugin   {}, {}, {}",
+                counted(k.sealed_by_this_plugin, "object"),
+                counted(k.dek_sources as u64, "DEK source"),
+                counted(k.local_keks as u64, "local KEK")
             );
             if let Some(v) = &k.verify {
                 if v.do_not_open.count == 0 {

@@ -59,6 +59,7 @@ pub fn outcome(kind: Option<ErrorKind>) -> &'static str {
         None => "ok",
         Some(ErrorKind::Transient) => "transient",
         Some(ErrorKind::Denied) => "denied",
+        Some(ErrorKind::Configuration) => "configuration",
         Some(ErrorKind::KeyUnusable) => "key_unusable",
         Some(ErrorKind::UnknownKey) => "unknown_key",
         Some(ErrorKind::BadWrappedKey) => "bad_wrapped_key",

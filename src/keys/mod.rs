@@ -114,6 +114,12 @@ fn is_permanent(e: &BackendError) -> bool {
     matches!(e.kind, ErrorKind::KeyUnusable | ErrorKind::Denied)
 }
 
+/// Failures that make the backend unusable for a while without saying anything about the key:
+/// served from cache up to `max_outage`, and healed by the next successful probe.
+fn is_outage(e: &BackendError) -> bool {
+    matches!(e.kind, ErrorKind::Transient | ErrorKind::Configuration)
+}
+
 impl Keys {
     pub fn new(
         backend: Arc<dyn Backend>,
@@ -162,8 +168,11 @@ impl Keys {
             };
         }
         let (kek, wrapped) = first;
-        if self.current().is_none_or(|c| c.key_id != wrapped.key_id) {
-            self.install(kek, wrapped, Reason::RootKeyChanged);
+        // No current KEK (none made yet, or the root key was revoked): a first one, not a change.
+        match self.current() {
+            None => self.install(kek, wrapped, Reason::First),
+            Some(c) if c.key_id != wrapped.key_id => self.install(kek, wrapped, Reason::RootKeyChanged),
+            Some(_) => {}
         }
         purged
     }
@@ -229,9 +238,10 @@ impl Keys {
         health.last_ok = Some(Instant::now());
         let was_revoked = health.revoked.take().is_some();
         health.revoked_key = None;
-        health.suspect = None;
+        // A refusal not yet confirmed was logged as one: its end is worth a line too.
+        let was_suspect = health.suspect.take().is_some();
         let was_failing = health.failing_since.take().is_some();
-        if was_revoked || was_failing {
+        if was_revoked || was_suspect || was_failing {
             info!("backend healthy again");
         }
     }
@@ -243,7 +253,7 @@ impl Keys {
         if is_permanent(e) {
             warn!(error = %e, key_id_hash = %KeyIdHash(key_id), "unwrap refused by the backend; probing now");
             self.rotate_soon.notify_one();
-        } else if e.kind == ErrorKind::Transient {
+        } else if is_outage(e) {
             self.lock_health().failing_since.get_or_insert_with(Instant::now);
         }
     }
@@ -288,7 +298,7 @@ impl Keys {
                     health.revoked_key = Some(k.to_string());
                 }
             }
-        } else if e.kind == ErrorKind::Transient {
+        } else if is_outage(e) {
             self.lock_health().failing_since.get_or_insert_with(Instant::now);
         }
     }
@@ -474,11 +484,13 @@ impl Keys {
                 reason: reason.as_str(),
             })
             .inc();
-        let root_changed = previous.as_ref().is_some_and(|p| p.key_id != cur.key_id);
+        // The previous root key is named rather than compared in a second field that could
+        // contradict `reason`; `-` when there was no current KEK.
+        let previous_key = previous.as_ref().map_or("", |p| p.key_id.as_str());
         info!(
             reason = reason.as_str(),
             key_id_hash = %KeyIdHash(&cur.key_id),
-            root_key_changed = root_changed,
+            previous_key_id_hash = %KeyIdHash(previous_key),
             "new local KEK is current"
         );
     }

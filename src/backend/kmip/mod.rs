@@ -579,7 +579,21 @@ impl Backend for KmipBackend {
                 unusable: None,
             },
         );
-        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some((key_id.clone(), uid));
+        let previous = self
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replace((key_id.clone(), uid.clone()));
+        // The UIDs are what the operator writes in decrypt_only_keys (identifiers, not secrets).
+        match previous {
+            Some((_, old)) if old != uid => tracing::info!(
+                old_uid = %old,
+                new_uid = %uid,
+                "kmip: the current key name now locates another key; add old_uid to decrypt_only_keys, or a restarted plugin cannot decrypt what was written under it"
+            ),
+            None => tracing::info!(uid = %uid, "kmip: current key located"),
+            _ => {}
+        }
         // Older keys: resolved once, and refused once compromised or destroyed.
         for old in &self.decrypt_only {
             match self.state(old).await {
@@ -601,6 +615,28 @@ impl Backend for KmipBackend {
 
     fn knows(&self, key_id: &str) -> bool {
         self.known().contains_key(key_id)
+    }
+
+    fn decrypt_only(&self) -> Vec<(String, String)> {
+        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let known = self.known();
+        // Every configured decrypt-only UID, resolved or not, and any key the name moved from.
+        let mut out: Vec<(String, String)> = self
+            .decrypt_only
+            .iter()
+            .map(|uid| {
+                let id = known.iter().find(|(_, k)| k.uid == *uid).map(|(id, _)| id.clone());
+                (id.unwrap_or_default(), format!("uid {uid:?}"))
+            })
+            .collect();
+        for (id, k) in known.iter() {
+            let is_current = current.as_ref().is_some_and(|(cur, _)| cur == id);
+            if !is_current && !self.decrypt_only.contains(&k.uid) {
+                out.push((id.clone(), format!("uid {:?}", k.uid)));
+            }
+        }
+        out.sort_by(|a, b| a.1.cmp(&b.1));
+        out
     }
 
     fn refuses(&self, key_id: &str) -> Option<BackendError> {

@@ -170,7 +170,8 @@ impl Http {
                 } else {
                     ErrorKind::Transient
                 };
-                BackendError::new(kind, format!("vault {path}: {}", error_chain(&e)))
+                // Named, as KMIP's message names its server: an unreachable address is often a typo.
+                BackendError::new(kind, format!("vault {path} at {}: {}", self.base, error_chain(&e)))
             })?;
             let status = response.status().as_u16();
             let bytes = Limited::new(response.into_body(), MAX_RESPONSE)
@@ -193,7 +194,11 @@ impl Http {
         tokio::time::timeout(self.timeout, call).await.unwrap_or_else(|_| {
             Err(BackendError::new(
                 ErrorKind::Transient,
-                format!("vault {path}: no answer within {} ms", self.timeout.as_millis()),
+                format!(
+                    "vault {path} at {}: no answer within {} ms",
+                    self.base,
+                    self.timeout.as_millis()
+                ),
             ))
         })
     }

@@ -226,7 +226,12 @@ impl VaultBackend {
             )),
             _ => Err(BackendError::new(
                 kind_of(&reply),
-                format!("vault read key {:?}: {}", key.name, reply.error_text()),
+                format!(
+                    "vault read key {:?}: {}{}",
+                    key.name,
+                    reply.error_text(),
+                    denied_hint(&reply, &format!("{}/keys/{}", self.mount, key.name))
+                ),
             )),
         };
         match &info {
@@ -341,6 +346,21 @@ impl Backend for VaultBackend {
         self.key_for(key_id).is_some()
     }
 
+    fn decrypt_only(&self) -> Vec<(String, String)> {
+        let info = self.info();
+        self.keys
+            .iter()
+            .filter(|k| k.identity != self.current.identity)
+            .map(|k| {
+                let id = match info.get(&k.identity).and_then(|s| s.last.as_ref()) {
+                    Some(Ok(i)) => i.current_id.clone(),
+                    _ => String::new(),
+                };
+                (id, format!("{}/keys/{}", self.mount, k.name))
+            })
+            .collect()
+    }
+
     fn refuses(&self, key_id: &str) -> Option<BackendError> {
         let (identity, version) = parse_key_id(key_id)?;
         let all = self.info();
@@ -386,7 +406,11 @@ impl Backend for VaultBackend {
         if reply.status != 200 {
             return Err(BackendError::new(
                 op_kind(&reply),
-                format!("vault encrypt: {}", reply.error_text()),
+                format!(
+                    "vault encrypt: {}{}",
+                    reply.error_text(),
+                    denied_hint(&reply, &format!("{}/encrypt/{}", self.mount, self.current.name))
+                ),
             ));
         }
         let ciphertext = reply.body["data"]["ciphertext"]
@@ -432,7 +456,11 @@ impl Backend for VaultBackend {
         if reply.status != 200 {
             return Err(BackendError::new(
                 op_kind(&reply),
-                format!("vault decrypt: {}", reply.error_text()),
+                format!(
+                    "vault decrypt: {}{}",
+                    reply.error_text(),
+                    denied_hint(&reply, &format!("{}/decrypt/{}", self.mount, key.name))
+                ),
             ));
         }
         let plaintext = match reply.body["data"]["plaintext"].take() {
@@ -463,6 +491,16 @@ impl Backend for VaultBackend {
     fn max_wrapped_len(&self) -> usize {
         // "vault:v<version>:" + base64 of nonce, 32-byte KEK and tag.
         256
+    }
+}
+
+/// For a Vault 403: a token without a root policy is refused a key that does not exist exactly
+/// as one its policy does not cover, so the answer alone cannot say which.
+fn denied_hint(reply: &Reply, path: &str) -> String {
+    if reply.status == 403 && reply.is_vault_error() {
+        format!(" (the key does not exist, or the token's policy does not cover {path})")
+    } else {
+        String::new()
     }
 }
 
