@@ -20,7 +20,8 @@
 //! **Refusals are visible.** h2 logs its refusals at debug only. [`refusals`] watches what the
 //! server writes for RST_STREAM and GOAWAY with an error code, and for responses h2 makes
 //! itself (431 for headers over the limit, [`responses`]), counts them
-//! (`kms_plugin_http2_refusals_total{frame,reason}`) and logs them at warn.
+//! (`kms_plugin_http2_refusals_total{frame,reason}`) and logs them at warn (at most 20 lines a
+//! second, as the edge layer does).
 
 pub mod hpack;
 pub mod huffman;
@@ -86,12 +87,8 @@ impl<T> Watched<T> {
     }
 
     fn observe_written(&mut self, bytes: &[u8]) {
-        let (outbound, refusals, uid) = (&mut self.outbound, &self.refusals, self.uid);
-        let mut found = Vec::new();
-        outbound.observe(bytes, |r| found.push(r));
-        for refusal in found {
-            outbound.record(refusals, refusal, uid);
-        }
+        let (refusals, uid) = (&self.refusals, self.uid);
+        self.outbound.observe(bytes, |r| refusals.record(r, uid));
     }
 }
 

@@ -8,6 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
+use super::super::edge::LogBudget;
 use super::responses;
 
 const HEADERS: u8 = 0x1;
@@ -15,8 +16,6 @@ const RST_STREAM: u8 = 0x3;
 const GOAWAY: u8 = 0x7;
 const CONTINUATION: u8 = 0x9;
 const END_HEADERS: u8 = 0x4;
-/// Refusals logged per connection; the rest are only counted, so a peer cannot flood the log.
-const LOGGED_PER_CONNECTION: u32 = 5;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Labels {
@@ -24,10 +23,13 @@ struct Labels {
     reason: &'static str,
 }
 
-/// The refusal counter, shared by every connection.
+/// The refusal counter and log budget, shared by every connection.
 #[derive(Default)]
 pub struct Refusals {
     counts: Family<Labels, Counter>,
+    /// The edge layer's rule: at most 20 lines a second, so a flood of bad requests (over any
+    /// number of connections) cannot flood the log; every refusal is still counted.
+    log_budget: LogBudget,
 }
 
 impl Refusals {
@@ -85,7 +87,6 @@ pub struct Outbound {
     table: responses::Table,
     /// Set when the server's header blocks could not be followed (never expected from h2).
     statuses_lost: bool,
-    logged: u32,
 }
 
 impl Outbound {
@@ -192,9 +193,11 @@ impl Outbound {
         self.collecting = false;
         self.block = Vec::new();
     }
+}
 
+impl Refusals {
     /// Counts and logs `refusal` (a NO_ERROR reset or GOAWAY is a normal end: ignored).
-    pub fn record(&mut self, refusals: &Refusals, refusal: Refusal, uid: Option<u32>) {
+    pub fn record(&self, refusal: Refusal, uid: Option<u32>) {
         let (frame, code, stream) = match refusal {
             Refusal::Stream { stream, code } => ("rst_stream", code, stream),
             Refusal::Connection { last_stream, code } => ("goaway", code, last_stream),
@@ -208,45 +211,44 @@ impl Outbound {
             "response" => "status_other",
             _ => reason(code),
         };
-        refusals.count_one(frame, reason);
-        self.logged += 1;
-        if self.logged > LOGGED_PER_CONNECTION {
-            if self.logged == LOGGED_PER_CONNECTION + 1 {
-                warn!(
-                    uid,
-                    "more HTTP/2 refusals on this connection; counted in kms_plugin_http2_refusals_total, not logged"
-                );
-            }
+        self.count_one(frame, reason);
+        let Some(suppressed) = self.log_budget.take() else {
             return;
-        }
+        };
         let hint = match (frame, code) {
             ("goaway", 0x1) => "the client broke HTTP/2 framing or header compression; RUST_LOG=h2=debug names it",
             _ => hint(code),
         };
         match (frame, code) {
             // The server gave up a stream it had accepted (its response was dropped).
-            ("rst_stream", 0x8) => info!(uid, stream, reason, "HTTP/2 stream cancelled by the plugin"),
-            ("rst_stream", _) => warn!(uid, stream, reason, hint, "HTTP/2 stream refused"),
+            ("rst_stream", 0x8) => info!(uid, stream, reason, suppressed, "HTTP/2 stream cancelled by the plugin"),
+            ("rst_stream", _) => warn!(uid, stream, reason, hint, suppressed, "HTTP/2 stream refused"),
             ("response", 431) => warn!(
                 uid,
                 stream,
                 reason,
                 hint = "request headers over 16 KiB",
+                suppressed,
                 "HTTP/2 stream refused"
             ),
-            ("response", _) => warn!(uid, stream, status = code, "HTTP/2 stream answered with an HTTP error"),
+            ("response", _) => warn!(
+                uid,
+                stream,
+                status = code,
+                suppressed,
+                "HTTP/2 stream answered with an HTTP error"
+            ),
             _ => warn!(
                 uid,
                 last_stream = stream,
                 reason,
                 hint,
+                suppressed,
                 "HTTP/2 connection closed with an error"
             ),
         }
     }
-}
 
-impl Refusals {
     fn count_one(&self, frame: &'static str, reason: &'static str) {
         self.counts.get_or_create(&Labels { frame, reason }).inc();
     }
@@ -347,10 +349,8 @@ mod tests {
     #[test]
     fn errors_are_counted_and_normal_ends_are_not() {
         let counts = Refusals::default();
-        let mut out = Outbound::default();
-        out.record(&counts, Refusal::Stream { stream: 1, code: 0 }, None);
-        out.record(
-            &counts,
+        counts.record(Refusal::Stream { stream: 1, code: 0 }, None);
+        counts.record(
             Refusal::Connection {
                 last_stream: 1,
                 code: 0,
@@ -358,17 +358,16 @@ mod tests {
             None,
         );
         for _ in 0..10 {
-            out.record(&counts, Refusal::Stream { stream: 1, code: 1 }, Some(0));
+            counts.record(Refusal::Stream { stream: 1, code: 1 }, Some(0));
         }
-        out.record(
-            &counts,
+        counts.record(
             Refusal::Connection {
                 last_stream: 1,
                 code: 9,
             },
             None,
         );
-        out.record(&counts, Refusal::Response { stream: 3, status: 431 }, None);
+        counts.record(Refusal::Response { stream: 3, status: 431 }, None);
         assert_eq!(counts.count("response", "status_431"), 1);
         assert_eq!(counts.count("rst_stream", "protocol_error"), 10);
         assert_eq!(counts.count("goaway", "compression_error"), 1);
