@@ -109,6 +109,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
                 buf.put_slice(&this.pending[this.pending_at..this.pending_at + k]);
                 this.pending_at += k;
                 if this.pending_at == this.pending.len() {
+                    // A large header block passed: do not keep its buffer for the connection's life.
+                    if this.pending.capacity() > 16 * 1024 {
+                        this.pending = Vec::new();
+                    }
                     this.pending.clear();
                     this.pending_at = 0;
                 }
@@ -172,5 +176,48 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn reads_see_the_rewritten_stream_and_writes_are_watched() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let refusals = Arc::new(Refusals::default());
+        let mut watched = Watched::new(server, Some(7), Arc::clone(&refusals));
+        // :authority (static name 1), literal with indexing, as a C-core client sends it.
+        let mut block = vec![0x41, 14];
+        block.extend_from_slice(b"run%2Fkms.sock");
+        let mut sent = inbound::PREFACE.to_vec();
+        sent.extend_from_slice(&[0, 0, block.len() as u8, 0x1, 0x5, 0, 0, 0, 1]);
+        sent.extend_from_slice(&block);
+        let writer = tokio::spawn(async move {
+            for piece in sent.chunks(5) {
+                client.write_all(piece).await.unwrap();
+            }
+            client.shutdown().await.unwrap();
+            client
+        });
+        let mut read = Vec::new();
+        watched.read_to_end(&mut read).await.unwrap();
+        let mut expected = inbound::PREFACE.to_vec();
+        expected.extend_from_slice(&[0, 0, block.len() as u8, 0x1, 0x5, 0, 0, 0, 1]);
+        expected.extend_from_slice(&[0x41, 14]);
+        expected.extend_from_slice(b"run-2Fkms.sock");
+        assert_eq!(read, expected);
+
+        // The server resets stream 1 with PROTOCOL_ERROR, written in two pieces.
+        let rst = [0, 0, 4, 0x3, 0, 0, 0, 0, 1, 0, 0, 0, 1];
+        watched.write_all(&rst[..6]).await.unwrap();
+        watched.write_all(&rst[6..]).await.unwrap();
+        assert_eq!(refusals.count("rst_stream", "protocol_error"), 1);
+        let mut client = writer.await.unwrap();
+        let mut got = [0u8; 13];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, rst);
     }
 }
