@@ -36,3 +36,9 @@ if ! .venv/bin/python -c 'import kmip.services.server' 2>/dev/null; then
 fi
 export KMS_TEST_PYKMIP="$PWD/.venv/bin/pykmip-server"
 
+# Python's grpcio, a gRPC client built on C-core (it sends the socket path as :authority):
+# integration/grpcio_client.py, run by integration/authority.rs.
+if ! .venv/bin/python -c 'import grpc' 2>/dev/null; then
+  .venv/bin/pip install -q --disable-pip-version-check 'grpcio>=1.60,<2'
+fi
+export KMS_TEST_PYTHON="$PWD/.venv/bin/python"

@@ -2,6 +2,7 @@
 
 mod common;
 
+mod authority;
 mod aws;
 mod bad_input;
 mod bench_smoke;

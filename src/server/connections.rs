@@ -116,6 +116,8 @@ pub struct Connections {
     table: Mutex<Table>,
     open: Gauge,
     closed: Family<Reason, Counter>,
+    /// Streams and connections the HTTP/2 layer refused (see `server::http2`).
+    http2_refusals: Arc<super::http2::refusals::Refusals>,
 }
 
 #[derive(Default)]
@@ -132,6 +134,7 @@ impl Connections {
             table: Mutex::new(Table::default()),
             open: Gauge::default(),
             closed: Family::default(),
+            http2_refusals: Arc::default(),
         })
     }
 
@@ -147,6 +150,12 @@ impl Connections {
             "Connections the plugin closed, by reason (evicted, refused, handshake_timeout, idle_timeout)",
             self.closed.clone(),
         );
+        self.http2_refusals.register_metrics(registry);
+    }
+
+    /// The counter of HTTP/2 refusals, shared by every connection.
+    pub fn http2_refusals(&self) -> Arc<super::http2::refusals::Refusals> {
+        Arc::clone(&self.http2_refusals)
     }
 
     fn count(&self, reason: &'static str) {
@@ -275,6 +284,13 @@ pub struct Tracked {
     stream: UnixStream,
     conn: Arc<Conn>,
     table: Arc<Connections>,
+}
+
+impl Tracked {
+    /// The peer's uid (SO_PEERCRED), None if unknown.
+    pub fn uid(&self) -> Option<u32> {
+        self.conn.uid
+    }
 }
 
 impl Drop for Tracked {

@@ -74,7 +74,7 @@ pub struct EdgeLayer {
 pub const LOG_LINES_PER_SECOND: u64 = 20;
 
 #[derive(Default)]
-struct LogBudget {
+pub(super) struct LogBudget {
     /// (second since start, lines logged in it) packed as second << 16 | lines.
     window: std::sync::atomic::AtomicU64,
     suppressed: std::sync::atomic::AtomicU64,
@@ -83,7 +83,7 @@ struct LogBudget {
 
 impl LogBudget {
     /// Whether a line may be written now; if so, how many were suppressed before it.
-    fn take(&self) -> Option<u64> {
+    pub(super) fn take(&self) -> Option<u64> {
         use std::sync::atomic::Ordering::Relaxed;
         let second = self.started.get_or_init(Instant::now).elapsed().as_secs();
         let window = self.window.load(Relaxed);

@@ -5,10 +5,13 @@
 //! calls each, [`MAX_REQUEST_BYTES`] per request, [`CONNECTION_WINDOW`] bytes per connection
 //! received but not yet read, and [`edge::MAX_WAITING_BODIES`] calls waiting for the rest of
 //! their body, each for at most [`edge::BODY_TIMEOUT`]. A call held open costs about 14 KiB in
-//! all (measured); calls past their body wait only in the unwrap queue (`keys::cache`).
+//! all (measured); calls past their body wait only in the unwrap queue (`keys::cache`). A
+//! connection also holds at most [`http2::inbound::MAX_BLOCK`] bytes of one header block while
+//! [`http2`] checks its `:authority`.
 
 pub mod connections;
 pub mod edge;
+pub mod http2;
 pub mod socket;
 
 use std::future::Future;
@@ -90,7 +93,7 @@ struct Incoming {
 }
 
 impl Stream for Incoming {
-    type Item = std::io::Result<Tracked>;
+    type Item = std::io::Result<http2::Watched<Tracked>>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
@@ -101,7 +104,9 @@ impl Stream for Incoming {
             match ready!(self.listener.poll_accept(cx)) {
                 Ok((stream, _)) if self.peers.load().allows(&stream) => {
                     if let Some(tracked) = self.connections.admit(stream) {
-                        return Poll::Ready(Some(Ok(tracked)));
+                        let uid = tracked.uid();
+                        let refusals = self.connections.http2_refusals();
+                        return Poll::Ready(Some(Ok(http2::Watched::new(tracked, uid, refusals))));
                     }
                 }
                 Ok(_) => continue,
