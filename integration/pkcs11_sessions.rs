@@ -9,7 +9,7 @@ use common::Dir;
 use common::softhsm::{MODULE, SoftHsm};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use kms_plugin::backend::Backend;
-use kms_plugin::backend::pkcs11::{PinSource, Pkcs11Backend, Pkcs11Options};
+use kms_plugin::backend::pkcs11::{Pkcs11Backend, Pkcs11Settings};
 use kms_plugin::keys::Kek;
 
 #[test]
@@ -24,10 +24,11 @@ fn recovers_from_closed_sessions_and_logout_without_restart() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let backend = Pkcs11Backend::open(&Pkcs11Options {
+        let backend = Pkcs11Backend::open(&Pkcs11Settings {
             module: MODULE.into(),
             token_label: hsm.token.clone(),
-            pin: PinSource::File(hsm.pin_file.clone()),
+            pin_file: Some(hsm.pin_file.clone()),
+            pin_env: None,
             current_key_label: "root-1".into(),
             decrypt_only_key_labels: vec![],
             sessions: 2,

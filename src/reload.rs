@@ -34,7 +34,7 @@ use crate::keys::{Active, Keys};
 use crate::logging::LevelHandle;
 use crate::secret_file::{self, MAX_FILE_BYTES};
 use crate::server::PeerPolicy;
-use crate::settings::{BackendSettings, Settings};
+use crate::settings::Settings;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Outcome {
@@ -224,13 +224,7 @@ pub async fn ignore_hangups(mut shutdown: tokio::sync::watch::Receiver<bool>) {
 
 /// Refuses a reload that changes what a live process cannot, naming the first such field.
 fn fixed_fields_unchanged(old: &Settings, new: &Settings) -> Result<(), String> {
-    let backend_type = |s: &Settings| match &s.backend {
-        BackendSettings::Local(_) => "local",
-        BackendSettings::Pkcs11(_) => "pkcs11",
-        BackendSettings::Aws(_) => "aws",
-        BackendSettings::Vault(_) => "vault",
-        BackendSettings::Kmip(_) => "kmip",
-    };
+    let backend_type = |s: &Settings| s.backend.type_name();
     let fixed: [(&str, bool); 11] = [
         ("shutdown_grace", old.shutdown_grace != new.shutdown_grace),
         ("socket.path", old.socket.path != new.socket.path),

@@ -177,114 +177,94 @@ impl Settings {
     }
 }
 
-/// Which remote KMS holds the root key: `[backend]` with `type = "local" | "pkcs11" | "aws" | "vault"`
-/// and that backend's fields beside it.
-#[derive(Debug, Clone)]
-pub enum BackendSettings {
-    Local(LocalSettings),
-    Pkcs11(Pkcs11Settings),
-    Aws(AwsSettings),
-    Vault(Box<crate::backend::vault::VaultSettings>),
-    Kmip(Box<crate::backend::kmip::KmipSettings>),
-}
-
-/// Root keys in local files (the embedded default).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LocalSettings {
-    #[serde(rename = "type")]
-    _type: String,
-    /// The key that wraps new local KEKs.
-    pub current_key_file: PathBuf,
-    /// Older keys, kept to decrypt data written before a rotation.
-    #[serde(default)]
-    pub decrypt_only_key_files: Vec<PathBuf>,
-}
-
-/// AES root keys on a PKCS#11 token (HSM).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Pkcs11Settings {
-    #[serde(rename = "type")]
-    _type: String,
-    /// The vendor's PKCS#11 library.
-    pub module: PathBuf,
-    pub token_label: String,
-    /// File holding the user PIN (mode must deny others).
-    pub pin_file: Option<PathBuf>,
-    /// Environment variable holding the user PIN.
-    pub pin_env: Option<String>,
-    pub current_key_label: String,
-    #[serde(default)]
-    pub decrypt_only_key_labels: Vec<String>,
-    /// Concurrent token sessions (bounds concurrent unwraps).
-    #[serde(default = "default_sessions")]
-    pub sessions: usize,
-}
-
-/// A key in AWS KMS or a compatible server.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AwsSettings {
-    #[serde(rename = "type")]
-    _type: String,
-    /// Key ARN, key id, alias name (`alias/x`) or alias ARN; re-pointing an alias rotates.
-    pub key: String,
-    /// Full key ARNs of older keys, kept to decrypt data written before a rotation.
-    #[serde(default)]
-    pub decrypt_only_keys: Vec<String>,
-    /// Region; otherwise the SDK's chain (AWS_REGION, profile).
-    pub region: Option<String>,
-    /// Endpoint override (FIPS or VPC endpoints, compatible servers).
-    pub endpoint: Option<String>,
-    /// Extra encryption context bound to every wrap.
-    #[serde(default)]
-    pub encryption_context: std::collections::BTreeMap<String, String>,
-    #[serde(default = "default_call_timeout", deserialize_with = "duration")]
-    pub call_timeout: Duration,
-    #[serde(default = "default_attempt_timeout", deserialize_with = "duration")]
-    pub attempt_timeout: Duration,
-    #[serde(default = "default_max_attempts")]
-    pub max_attempts: u32,
-}
-
-impl BackendSettings {
-    /// Every file this backend's settings name, for change detection.
-    pub fn files(&self) -> Vec<PathBuf> {
-        match self {
-            BackendSettings::Local(l) => std::iter::once(l.current_key_file.clone())
-                .chain(l.decrypt_only_key_files.iter().cloned())
-                .collect(),
-            BackendSettings::Pkcs11(p) => p.pin_file.iter().cloned().collect(),
-            BackendSettings::Aws(_) => Vec::new(),
-            BackendSettings::Vault(v) => v.files(),
-            BackendSettings::Kmip(k) => k.files(),
+/// Every backend, once: its `type` name, its variant, and the settings type its own module
+/// owns (with that type's `files()` and `build()`). Adding a backend is its folder under
+/// `src/backend/` plus one line here.
+macro_rules! backends {
+    ($($name:literal => $variant:ident($settings:ty)),+ $(,)?) => {
+        /// Which remote KMS holds the root key: `[backend]` with `type` and that backend's
+        /// fields beside it.
+        #[derive(Debug, Clone)]
+        pub enum BackendSettings {
+            $($variant(Box<$settings>)),+
         }
+
+        /// The `type` names, as messages list them.
+        pub const BACKEND_TYPES: &[&str] = &[$($name),+];
+
+        impl BackendSettings {
+            /// The `type` this section was read with.
+            pub fn type_name(&self) -> &'static str {
+                match self {
+                    $(Self::$variant(_) => $name),+
+                }
+            }
+
+            /// Every file this backend's settings name, for change detection.
+            pub fn files(&self) -> Vec<PathBuf> {
+                match self {
+                    $(Self::$variant(s) => s.files()),+
+                }
+            }
+
+            /// Builds the backend these settings describe (files are read off the async
+            /// workers).
+            pub async fn build(&self) -> Result<std::sync::Arc<dyn crate::backend::Backend>, String> {
+                match self {
+                    $(Self::$variant(s) => s.build().await),+
+                }
+            }
+
+            /// Reads the `[backend]` table (without its `type`) as the settings of `kind`.
+            fn parse(kind: &str, table: &::config::Config) -> Result<Self, SettingsError> {
+                match kind {
+                    $($name => Ok(Self::$variant(Box::new(backend_table(table)?))),)+
+                    other => Err(SettingsError(format!(
+                        "backend.type: unknown backend {other:?} ({})",
+                        backend_types(false)
+                    ))),
+                }
+            }
+        }
+    };
+}
+
+backends! {
+    "local" => Local(crate::backend::local::LocalSettings),
+    "pkcs11" => Pkcs11(crate::backend::pkcs11::Pkcs11Settings),
+    "aws" => Aws(crate::backend::aws::AwsSettings),
+    "vault" => Vault(crate::backend::vault::VaultSettings),
+    "kmip" => Kmip(crate::backend::kmip::KmipSettings),
+}
+
+/// Deserialises the `backend` table of `table` (errors carry the field's path).
+fn backend_table<T: serde::de::DeserializeOwned>(table: &::config::Config) -> Result<T, SettingsError> {
+    #[derive(Deserialize)]
+    struct Wrap<T> {
+        backend: T,
+    }
+    table
+        .clone()
+        .try_deserialize::<Wrap<T>>()
+        .map(|w| w.backend)
+        .map_err(|e| SettingsError(e.to_string()))
+}
+
+/// `"local", "pkcs11" … or "kmip"` (quoted) or `local, pkcs11 … or kmip`.
+fn backend_types(quoted: bool) -> String {
+    let names: Vec<String> = BACKEND_TYPES
+        .iter()
+        .map(|n| if quoted { format!("{n:?}") } else { n.to_string() })
+        .collect();
+    match names.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
     }
 }
 
 fn unset_backend() -> BackendSettings {
-    BackendSettings::Local(LocalSettings {
-        _type: "local".into(),
-        current_key_file: PathBuf::new(),
-        decrypt_only_key_files: Vec::new(),
-    })
-}
-
-fn default_sessions() -> usize {
-    4
-}
-
-fn default_call_timeout() -> Duration {
-    Duration::from_millis(2000)
-}
-
-fn default_attempt_timeout() -> Duration {
-    Duration::from_millis(700)
-}
-
-fn default_max_attempts() -> u32 {
-    3
+    BackendSettings::Local(Box::default())
 }
 
 /// The background probe of the backend, and what Status does with its result.
@@ -575,48 +555,30 @@ impl Settings {
     fn from_config(builder: ::config::ConfigBuilder<::config::builder::DefaultState>) -> Result<Self, SettingsError> {
         let config = builder.build().map_err(|e| SettingsError(e.to_string()))?;
         if config.get_table("backend").is_err() {
-            return Err(SettingsError(
-                "backend: missing; add a [backend] section with type = \"local\", \"pkcs11\", \"aws\", \"vault\" or \"kmip\""
-                    .into(),
-            ));
+            return Err(SettingsError(format!(
+                "backend: missing; add a [backend] section with type = {}",
+                backend_types(true)
+            )));
         }
         let mut settings: Settings = config
             .clone()
             .try_deserialize()
             .map_err(|e| SettingsError(e.to_string()))?;
         let kind = config.get_string("backend.type").map_err(|_| {
-            SettingsError(
-                "backend.type: missing; add a [backend] section with type = \"local\", \"pkcs11\", \"aws\", \"vault\" or \"kmip\"".into(),
-            )
+            SettingsError(format!(
+                "backend.type: missing; add a [backend] section with type = {}",
+                backend_types(true)
+            ))
         })?;
-        // A config of its own for the backend table, so errors carry the field's path.
-        let table = config.get_table("backend").map_err(|e| SettingsError(e.to_string()))?;
+        // A config of its own for the backend table, so errors carry the field's path; `type`
+        // chose the settings type and is not one of its fields.
+        let mut table = config.get_table("backend").map_err(|e| SettingsError(e.to_string()))?;
+        table.remove("type");
         let sub = ::config::Config::builder()
             .set_override("backend", ::config::Value::from(table))
             .and_then(|b| b.build())
             .map_err(|e| SettingsError(e.to_string()))?;
-        fn get<T: serde::de::DeserializeOwned>(sub: &::config::Config) -> Result<T, SettingsError> {
-            #[derive(Deserialize)]
-            struct Wrap<T> {
-                backend: T,
-            }
-            sub.clone()
-                .try_deserialize::<Wrap<T>>()
-                .map(|w| w.backend)
-                .map_err(|e| SettingsError(e.to_string()))
-        }
-        settings.backend = match kind.as_str() {
-            "local" => BackendSettings::Local(get(&sub)?),
-            "pkcs11" => BackendSettings::Pkcs11(get(&sub)?),
-            "aws" => BackendSettings::Aws(get(&sub)?),
-            "vault" => BackendSettings::Vault(get(&sub)?),
-            "kmip" => BackendSettings::Kmip(get(&sub)?),
-            other => {
-                return Err(SettingsError(format!(
-                    "backend.type: unknown backend {other:?} (local, pkcs11, aws, vault or kmip)"
-                )));
-            }
-        };
+        settings.backend = BackendSettings::parse(&kind, &sub)?;
         settings.validate()?;
         Ok(settings)
     }

@@ -26,17 +26,51 @@ use zeroize::Zeroizing;
 use super::{Backend, BackendError, ErrorKind, Wrapped};
 use crate::secret::Kek;
 
-/// Settings for [`AwsBackend::connect`].
-#[derive(Debug, Clone)]
-pub struct AwsOptions {
+/// `[backend]` with `type = "aws"`: a key in AWS KMS or a compatible server.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsSettings {
+    /// Key ARN, key id, alias name (`alias/x`) or alias ARN; re-pointing an alias rotates.
     pub key: String,
+    /// Full key ARNs of older keys, kept to decrypt data written before a rotation.
+    #[serde(default)]
     pub decrypt_only_keys: Vec<String>,
+    /// Region; otherwise the SDK's chain (AWS_REGION, profile).
     pub region: Option<String>,
+    /// Endpoint override (FIPS or VPC endpoints, compatible servers).
     pub endpoint: Option<String>,
+    /// Extra encryption context bound to every wrap.
+    #[serde(default)]
     pub encryption_context: BTreeMap<String, String>,
+    #[serde(default = "default_call_timeout", deserialize_with = "crate::parse::duration")]
     pub call_timeout: Duration,
+    #[serde(default = "default_attempt_timeout", deserialize_with = "crate::parse::duration")]
     pub attempt_timeout: Duration,
+    #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+}
+
+fn default_call_timeout() -> Duration {
+    Duration::from_millis(2000)
+}
+
+fn default_attempt_timeout() -> Duration {
+    Duration::from_millis(700)
+}
+
+fn default_max_attempts() -> u32 {
+    3
+}
+
+impl AwsSettings {
+    /// No files: credentials come from the SDK's chain.
+    pub fn files(&self) -> Vec<std::path::PathBuf> {
+        Vec::new()
+    }
+
+    pub async fn build(&self) -> Result<std::sync::Arc<dyn Backend>, String> {
+        Ok(std::sync::Arc::new(AwsBackend::connect(self).await?))
+    }
 }
 
 /// A KMS key in AWS KMS (or a compatible server).
@@ -123,7 +157,7 @@ impl AwsBackend {
     /// Builds the client from the SDK's standard credential chain and tries to resolve the key.
     /// An unreachable KMS does not stop start-up (the probe resolves it later); a key that is
     /// missing or disabled does.
-    pub async fn connect(opts: &AwsOptions) -> Result<Self, String> {
+    pub async fn connect(opts: &AwsSettings) -> Result<Self, String> {
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
                 aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,

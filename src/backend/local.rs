@@ -10,10 +10,12 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use ring::digest;
 use ring::rand::SystemRandom;
+use serde::Deserialize;
 
 use super::{Backend, BackendError, ErrorKind, Wrapped};
 use crate::secret::aead;
@@ -21,6 +23,32 @@ use crate::secret::{KEY_LEN, Kek};
 
 const KEY_ID_DOMAIN: &[u8] = b"kms-plugin/local-root-key-id/v1\0";
 const WRAP_AAD_DOMAIN: &[u8] = b"kms-plugin/local-wrap/v1\0";
+
+/// `[backend]` with `type = "local"`: root keys in local files (the embedded default).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalSettings {
+    /// The key that wraps new local KEKs.
+    pub current_key_file: PathBuf,
+    /// Older keys, kept to decrypt data written before a rotation.
+    #[serde(default)]
+    pub decrypt_only_key_files: Vec<PathBuf>,
+}
+
+impl LocalSettings {
+    /// The key files, for change detection.
+    pub fn files(&self) -> Vec<PathBuf> {
+        std::iter::once(self.current_key_file.clone())
+            .chain(self.decrypt_only_key_files.iter().cloned())
+            .collect()
+    }
+
+    pub async fn build(&self) -> Result<Arc<dyn Backend>, String> {
+        let (current, old) = (self.current_key_file.clone(), self.decrypt_only_key_files.clone());
+        let backend = super::off_thread(move || LocalBackend::open(&current, &old).map_err(|e| e.to_string())).await?;
+        Ok(Arc::new(backend))
+    }
+}
 
 /// Local root keys: one current (wraps new KEKs), any number of decrypt-only older ones.
 pub struct LocalBackend {

@@ -3,6 +3,12 @@
 //! A backend does four things: names its current root key (`probe`), wraps a local KEK under
 //! that key, unwraps a wrapped KEK under a named key, and says which key_ids it can unwrap
 //! under. Everything else (caching, rotation, the wire) lives in the core, written once.
+//!
+//! Each backend is one module that owns its `[backend]` settings type (serde, with the fields
+//! beside `type`), that type's `files()` (for reload's change detection) and `build()` (its
+//! constructor). Adding a backend is that module, `pub mod` here, and one line in the
+//! `backends!` list in `settings.rs`, which derives the enum, the `type` names, parsing,
+//! `files()` and `build()` from it.
 
 pub mod aws;
 pub mod delay;
@@ -106,4 +112,13 @@ pub trait Backend: Send + Sync + 'static {
     fn max_wrapped_len(&self) -> usize {
         crate::contract::MAX_WRAPPED_KEK
     }
+}
+
+/// Runs a backend constructor on tokio's blocking pool: constructors read and parse files (root
+/// keys, PEMs, the system CA bundle), which must not hold up the async workers while a reload is
+/// built beside calls being served.
+pub(crate) async fn off_thread<T: Send + 'static>(
+    build: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(build).await.map_err(|e| e.to_string())?
 }

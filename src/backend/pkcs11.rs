@@ -30,6 +30,7 @@ use cryptoki::slot::Slot;
 use cryptoki::types::{AuthPin, Ulong};
 use ring::digest;
 use ring::rand::{SecureRandom, SystemRandom};
+use serde::Deserialize;
 use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
@@ -49,15 +50,61 @@ pub enum PinSource {
     Env(String),
 }
 
-/// Settings for [`Pkcs11Backend::open`].
-#[derive(Debug, Clone)]
-pub struct Pkcs11Options {
+/// `[backend]` with `type = "pkcs11"`: AES root keys on a PKCS#11 token (HSM).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Settings {
+    /// The vendor's PKCS#11 library.
     pub module: PathBuf,
     pub token_label: String,
-    pub pin: PinSource,
+    /// File holding the user PIN (mode must deny others).
+    pub pin_file: Option<PathBuf>,
+    /// Environment variable holding the user PIN.
+    pub pin_env: Option<String>,
     pub current_key_label: String,
+    #[serde(default)]
     pub decrypt_only_key_labels: Vec<String>,
+    /// Concurrent token sessions (bounds concurrent unwraps).
+    #[serde(default = "default_sessions")]
     pub sessions: usize,
+}
+
+fn default_sessions() -> usize {
+    4
+}
+
+impl Pkcs11Settings {
+    /// Where the PIN comes from: the file if both are set.
+    pub fn pin_source(&self) -> Result<PinSource, String> {
+        match (&self.pin_file, &self.pin_env) {
+            (Some(file), _) => Ok(PinSource::File(file.clone())),
+            (None, Some(var)) => Ok(PinSource::Env(var.clone())),
+            (None, None) => Err("pkcs11: no PIN source: set pin_file or pin_env".into()),
+        }
+    }
+
+    /// The PIN file, for change detection.
+    pub fn files(&self) -> Vec<PathBuf> {
+        self.pin_file.iter().cloned().collect()
+    }
+
+    /// Opens the token. A rejected PIN is never presented again: the plugin serves a backend
+    /// that refuses everything (Status `PermissionDenied`) instead of crash-looping on it.
+    pub async fn build(&self) -> Result<Arc<dyn Backend>, String> {
+        let settings = self.clone();
+        match tokio::task::spawn_blocking(move || Pkcs11Backend::open(&settings))
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Ok(b) => Ok(Arc::new(b)),
+            Err(e) if e.pin_rejected => {
+                tracing::error!("pkcs11: the token rejected the PIN; not retrying. Fix the PIN and restart");
+                let error = BackendError::new(ErrorKind::Denied, format!("pkcs11: {}", e.message));
+                Ok(Arc::new(super::refused::Refused::new("pkcs11", error)))
+            }
+            Err(e) => Err(format!("pkcs11: {}", e.message)),
+        }
+    }
 }
 
 struct RootKey {
@@ -323,7 +370,7 @@ fn read_pin(source: &PinSource) -> Result<AuthPin, String> {
 impl Pkcs11Backend {
     /// Loads the module, finds the token, logs in once and resolves every configured key.
     /// A missing key, token or module is an error here, before the plugin binds its socket.
-    pub fn open(opts: &Pkcs11Options) -> Result<Self, OpenError> {
+    pub fn open(opts: &Pkcs11Settings) -> Result<Self, OpenError> {
         Self::open_inner(opts)
             .map_err(|message| OpenError {
                 message,
@@ -348,8 +395,8 @@ impl Pkcs11Backend {
     }
 
     #[allow(clippy::type_complexity)]
-    fn open_inner(opts: &Pkcs11Options) -> Result<(Arc<Token>, HashMap<String, Arc<RootKey>>, String), String> {
-        let pin = read_pin(&opts.pin)?;
+    fn open_inner(opts: &Pkcs11Settings) -> Result<(Arc<Token>, HashMap<String, Arc<RootKey>>, String), String> {
+        let pin = read_pin(&opts.pin_source()?)?;
         let ctx =
             Pkcs11::new(&opts.module).map_err(|e| format!("loading PKCS#11 module {}: {e}", opts.module.display()))?;
         match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {

@@ -83,8 +83,6 @@ const STATE_NAMES: [&str; 7] = [
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KmipSettings {
-    #[serde(rename = "type")]
-    _type: String,
     /// `host:port` (port 5696 if omitted).
     pub address: String,
     /// CA bundle that signed the server's certificate; else the system's roots.
@@ -120,6 +118,13 @@ fn default_call_timeout() -> Duration {
 }
 
 impl KmipSettings {
+    pub async fn build(&self) -> Result<std::sync::Arc<dyn Backend>, String> {
+        let settings = self.clone();
+        Ok(std::sync::Arc::new(
+            super::off_thread(move || KmipBackend::new(&settings)).await?,
+        ))
+    }
+
     /// Every file these settings name (for change detection by a reload).
     pub fn files(&self) -> Vec<PathBuf> {
         [

@@ -49,8 +49,6 @@ const AEAD_TYPES: [&str; 4] = [
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VaultSettings {
-    #[serde(rename = "type")]
-    _type: String,
     /// `https://vault.example:8200` (`http://` only to a loopback address).
     pub address: String,
     /// CA bundle that signed the server's certificate; else the system's roots.
@@ -77,6 +75,13 @@ pub struct VaultSettings {
 }
 
 impl VaultSettings {
+    pub async fn build(&self) -> Result<std::sync::Arc<dyn Backend>, String> {
+        let settings = self.clone();
+        Ok(std::sync::Arc::new(
+            super::off_thread(move || VaultBackend::new(&settings)).await?,
+        ))
+    }
+
     /// Every file these settings name (for change detection by a reload).
     pub fn files(&self) -> Vec<PathBuf> {
         [&self.ca_file, &self.client_cert_file, &self.client_key_file]
