@@ -9,6 +9,7 @@ mod cli;
 mod deploy;
 mod hardening;
 mod hierarchy;
+mod host_layout;
 mod hostile_vault;
 mod inventory;
 mod kmip;
