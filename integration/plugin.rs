@@ -18,6 +18,7 @@ mod layering;
 mod ops;
 mod pkcs11;
 mod protocol;
+mod recipes;
 mod reload;
 mod socket;
 mod vault;
