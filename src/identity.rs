@@ -90,11 +90,15 @@ pub fn may(id: Identity, meta: &Metadata, want: u32) -> bool {
 pub fn unsafe_directory(dir: &Path, meta: &Metadata, id: Identity, fix_owner: u32, sticky_ok: bool) -> Option<String> {
     let mode = meta.mode() & 0o7777;
     if meta.uid() != id.uid && meta.uid() != 0 {
+        let allowed = if id.uid == 0 {
+            "root (this process's user)".to_string()
+        } else {
+            format!("the plugin's user (uid {}) or root", id.uid)
+        };
         return Some(format!(
-            "{} (mode {mode:o}) is owned by uid {}, neither the plugin's user (uid {}) nor root, who could replace what is in it; fix: chown {fix_owner} {}{}",
+            "{} (mode {mode:o}) is owned by uid {}, who could replace what is in it: it must be owned by {allowed}; fix: chown {fix_owner} {}{}",
             dir.display(),
             meta.uid(),
-            id.uid,
             dir.display(),
             root_hint(meta.uid()),
         ));
