@@ -22,13 +22,16 @@ if [ "${1:-}" = --debug ]; then profile=debug; shift; fi
 out=$1
 command -v buildah >/dev/null || { echo "buildah missing (apt-get install buildah)" >&2; exit 1; }
 
-export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct)}
 target=${CARGO_TARGET_DIR:-target}
 if [ "$profile" = release ]; then
   cargo build --locked --release --bin kms-plugin
 else
-  cargo build --locked --bin kms-plugin
+  # As scripts/release.sh --debug: reuse what `cargo test --all-targets` built.
+  cargo build --locked --all-targets
 fi
+# Only now: C build scripts (ring's cc) rebuild when SOURCE_DATE_EPOCH changes, and the build
+# above should reuse what the test run compiled.
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct)}
 version=$(cargo metadata --format-version 1 --no-deps --locked |
   python3 -c 'import json,sys; print([p for p in json.load(sys.stdin)["packages"] if p["name"]=="kms-plugin"][0]["version"])')
 revision=$(git rev-parse HEAD)

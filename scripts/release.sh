@@ -21,13 +21,17 @@ if [ "${1:-}" = --debug ]; then profile=debug; shift; fi
 [ $# -eq 1 ] || { echo "usage: $0 [--debug] OUTDIR" >&2; exit 2; }
 outdir=$1
 
-export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct)}
 target=${CARGO_TARGET_DIR:-target}
 if [ "$profile" = release ]; then
   cargo build --locked --release --bins
 else
-  cargo build --locked --bins
+  # --all-targets: the same feature set as `cargo test --all-targets` (dev-dependencies unify
+  # features), so after CI's test run this reuses its build instead of recompiling dependencies.
+  cargo build --locked --all-targets
 fi
+# Only now: C build scripts (ring's cc) rebuild when SOURCE_DATE_EPOCH changes, and the build
+# above should reuse what the test run compiled.
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct)}
 version=$(cargo metadata --format-version 1 --no-deps --locked |
   python3 -c 'import json,sys; print([p for p in json.load(sys.stdin)["packages"] if p["name"]=="kms-plugin"][0]["version"])')
 name=kms-plugin-$version
