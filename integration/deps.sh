@@ -10,6 +10,11 @@ command -v pkcs11-tool >/dev/null || need_apt+=(opensc)
 [ -x /usr/bin/etcd ] || need_apt+=(etcd-server)
 [ -x /usr/bin/time ] || need_apt+=(time)  # peak RSS of a child (inventory's memory test)
 command -v openssl >/dev/null || need_apt+=(openssl)  # TLS test PKI; the README's KMIP set-up
+# The install checks: buildah builds the image offline (integration/image_check.sh), the CA
+# bundle goes into it, systemd-analyze verifies the recipes' units (integration/recipes.rs).
+command -v buildah >/dev/null || need_apt+=(buildah)
+[ -f /etc/ssl/certs/ca-certificates.crt ] || need_apt+=(ca-certificates)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq

@@ -489,7 +489,14 @@ async fn unsafe_files_and_directories_are_refused() {
         shared.display().to_string()
     ));
     let (ok, text) = run(&["check", "--config", config.to_str().unwrap()], &[]);
-    assert!(!ok && text.contains("could replace the file"), "{text}");
+    assert!(
+        !ok && text.contains("is writable by group or others, who could replace"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("fix: chmod 755 {}", open_dir.display())),
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@
 //!
 //! Layers, bottom to top: a module imports only modules listed before it (integration/layering.rs
 //! fails otherwise, so no cycle can come back):
-//! `proto`, `contract`, `shares`, `secret`, `secret_file`, `parse`, `logging`,
+//! `proto`, `contract`, `shares`, `secret`, `identity`, `secret_file`, `parse`, `logging`,
 //! `backend`, `error`, `keys`, `service`, `server`, `client`, `ops`,
 //! `settings`, `startup`, `reload`, `inventory`, `migrate`
 //!
@@ -19,6 +19,7 @@ pub mod backend;
 pub mod client;
 pub mod contract;
 pub mod error;
+pub mod identity;
 pub mod inventory;
 pub mod keys;
 pub mod logging;

@@ -45,6 +45,11 @@ enum Command {
         /// TOML configuration file, as given to `serve` (environment KMS_PLUGIN_* overrides it).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Check the socket directory and the files the config names from the point of view of
+        /// the user the plugin runs as (the manifest's runAsUser[:runAsGroup], e.g. 65532:0)
+        /// rather than this process's: for a root `check` of a layout made for that user.
+        #[arg(long, value_name = "UID[:GID]", value_parser = clap::value_parser!(kms_plugin::identity::Identity))]
+        as_user: Option<kms_plugin::identity::Identity>,
     },
     /// Call Status over the socket; exit 0 only if healthy (usable as an exec probe).
     Status {
@@ -211,7 +216,13 @@ fn main() -> ExitCode {
             .map(|key_id| println!("wrote {} (key_id {key_id})", out.display()))
             .map_err(|e| e.to_string()),
         Command::Serve { config, socket, dev } => serve(config, socket, dev),
-        Command::Check { config } => runtime(1).block_on(check(config)),
+        Command::Check { config, as_user } => {
+            // Before anything reads a file: every check below takes this user's point of view.
+            if let Some(id) = as_user {
+                kms_plugin::identity::set_as_user(id);
+            }
+            runtime(1).block_on(check(config))
+        }
         Command::Status { socket, timeout } => runtime(1).block_on(status(&socket, timeout)),
         Command::Inventory {
             etcd,
@@ -369,10 +380,12 @@ async fn check(config: Option<PathBuf>) -> Result<(), String> {
     server::socket::preflight(&address, settings.socket.group.as_deref()).map_err(|e| e.to_string())?;
     let backend = kms_plugin::build_backend(&settings).await.map_err(|e| e.to_string())?;
     let key_id = kms_plugin::keys::self_test::self_test(backend.as_ref()).await?.key_id;
+    let id = kms_plugin::identity::current();
     println!(
-        "ok: backend {} current key_id {key_id} ({}); wrap/unwrap round trip succeeded",
+        "ok: backend {} current key_id {key_id} ({}); wrap/unwrap round trip succeeded; socket directory and files checked for uid {}",
         backend.name(),
-        logging::KeyIdHash(&key_id)
+        logging::KeyIdHash(&key_id),
+        id.uid
     );
     // After the probe: a backend resolves its older keys there.
     println!("decrypt-only keys: {}", logging::key_list(&backend.decrypt_only()));

@@ -4,11 +4,12 @@
 //!
 //! - opened once and without blocking, so a FIFO or a device cannot hang start-up, and every
 //!   check is made on the opened file: the file checked is the file read;
-//! - a regular file, owned by this process's user or by root;
+//! - a regular file, owned by the plugin's user or by root, and readable by the plugin's user
+//!   (this process's, or `check --as-user`'s: [`crate::identity`]);
 //! - its mode denies the bits the caller names (group and others, for a root key);
 //! - the directory it is in (and the directory of the file a symlink points to), and every
-//!   directory above, is owned by this user or root and not writable by group or others, who
-//!   could otherwise swap the file or a directory on its path
+//!   directory above, is owned by that user or root, not writable by group or others, who
+//!   could otherwise swap the file or a directory on its path, and enterable by that user
 //!   (a sticky directory, such as the root of a kubelet Secret or projected volume, is fine:
 //!   there others cannot rename or remove what they do not own);
 //! - no larger than the caller's bound (checked on the opened file before reading), then read
@@ -20,6 +21,8 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
+
+use crate::identity::{self, Identity, describe};
 
 /// Largest config file, and largest file it names, that is read at all (root keys, PINs,
 /// tokens and certificates are far smaller): a bigger one is refused from its size alone, so a
@@ -88,24 +91,35 @@ pub enum SecretFileError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a regular file")]
     NotAFile { path: PathBuf },
-    #[error("{path} has mode {mode:o}: it must not be readable or writable by {who} (chmod {fix:o})")]
+    #[error("{path} has mode {mode:o}: it must not be readable or writable by {who}; fix: chmod {fix:o} {path}")]
     TooOpen {
         path: PathBuf,
         mode: u32,
         who: &'static str,
         fix: u32,
     },
-    #[error("{path} is owned by uid {uid}: it must be owned by this process's user ({me}) or root")]
-    WrongOwner { path: PathBuf, uid: u32, me: u32 },
     #[error(
-        "{path}: its directory {dir} (mode {mode:o}, uid {uid}) is writable by group or others or owned by another user, who could replace the file"
+        "{path} is owned by uid {uid}: it must be owned by the plugin's user (uid {me}) or root; fix: chown {me} {path}{hint}"
     )]
-    UnsafeDirectory {
+    WrongOwner {
         path: PathBuf,
-        dir: PathBuf,
+        uid: u32,
+        me: u32,
+        hint: String,
+    },
+    #[error(
+        "{path} (mode {mode:o}, uid {uid}, gid {gid}) cannot be read by the plugin's user (uid {me}); fix: chown {me} {path}"
+    )]
+    NotReadable {
+        path: PathBuf,
         mode: u32,
         uid: u32,
+        gid: u32,
+        me: u32,
     },
+    /// `why` names the directory, the cause and the fix.
+    #[error("{path}: directory {why}")]
+    UnsafeDirectory { path: PathBuf, why: String },
     #[error("{path} is {len} bytes, over the limit of {max} bytes")]
     TooLong { path: PathBuf, len: u64, max: u64 },
     #[error("{path} grew past the limit of {max} bytes while it was read")]
@@ -156,11 +170,23 @@ pub fn open(path: &Path, policy: &Policy) -> Result<(File, fs::Metadata), Secret
             fix: meta.mode() & 0o777 & !policy.deny_mode,
         });
     }
-    let me = rustix::process::geteuid().as_raw();
+    let id = identity::current();
+    let me = id.uid;
     if meta.uid() != me && meta.uid() != 0 {
         return Err(SecretFileError::WrongOwner {
             path: path.to_owned(),
             uid: meta.uid(),
+            me,
+            hint: identity::root_hint(meta.uid()),
+        });
+    }
+    // Only ever false under `check --as-user`: this process opened it, as its own user.
+    if !identity::may(id, &meta, identity::READ) {
+        return Err(SecretFileError::NotReadable {
+            path: path.to_owned(),
+            mode: meta.mode() & 0o7777,
+            uid: meta.uid(),
+            gid: meta.gid(),
             me,
         });
     }
@@ -169,34 +195,53 @@ pub fn open(path: &Path, policy: &Policy) -> Result<(File, fs::Metadata), Secret
         .ok()
         .and_then(|p| p.parent().map(Path::to_owned));
     for dir in [given_dir, real.parent().map(Path::to_owned)].into_iter().flatten() {
-        check_directory(path, &dir, me)?;
+        check_directory(path, &dir, id)?;
     }
     Ok((file, meta))
 }
 
-fn check_directory(path: &Path, dir: &Path, me: u32) -> Result<(), SecretFileError> {
-    unsafe_ancestor(dir, me)
+fn check_directory(path: &Path, dir: &Path, id: Identity) -> Result<(), SecretFileError> {
+    unsafe_ancestor(dir, id)
         .map_err(|source| io(dir, source))?
-        .map_or(Ok(()), |(dir, mode, uid)| {
+        .map_or(Ok(()), |why| {
             Err(SecretFileError::UnsafeDirectory {
                 path: path.to_owned(),
-                dir,
-                mode,
-                uid,
+                why,
             })
         })
 }
 
-/// The first of `dir` and its ancestors (symlinks resolved) that another user could use to
-/// replace what is below it: writable by group or others without the sticky bit, or owned by
-/// a user other than `me` and root. Returns (directory, mode, owner).
-pub fn unsafe_ancestor(dir: &Path, me: u32) -> std::io::Result<Option<(PathBuf, u32, u32)>> {
+/// What is wrong with the first of `dir` and its ancestors (symlinks resolved) that `id`
+/// cannot enter, or that another user could use to replace what is below it: writable by
+/// group or others without the sticky bit, or owned by neither `id` nor root. The answer names
+/// the directory, the cause and the fix.
+pub fn unsafe_ancestor(dir: &Path, id: Identity) -> std::io::Result<Option<String>> {
     let real = fs::canonicalize(dir)?;
-    for ancestor in real.ancestors() {
+    for (depth, ancestor) in real.ancestors().enumerate() {
         let meta = fs::metadata(ancestor)?;
-        let sticky = meta.mode() & 0o1000 != 0;
-        if (meta.mode() & 0o022 != 0 && !sticky) || (meta.uid() != me && meta.uid() != 0) {
-            return Ok(Some((ancestor.to_owned(), meta.mode() & 0o7777, meta.uid())));
+        // The file's own directory may belong to the plugin's user; above it, root.
+        let fix_owner = if depth == 0 { id.uid } else { 0 };
+        if let Some(why) = identity::unsafe_directory(ancestor, &meta, id, fix_owner, true) {
+            return Ok(Some(why));
+        }
+        if !identity::may(id, &meta, identity::SEARCH) {
+            // The one class of bits that applies to this user: owner, else group, else others.
+            let class = if meta.uid() == id.uid {
+                "u"
+            } else if id.gid == Some(meta.gid()) {
+                "g"
+            } else {
+                "o"
+            };
+            return Ok(Some(format!(
+                "{} (mode {:o}, uid {}, gid {}) cannot be entered by the plugin's user ({}); fix: chmod {class}+x {}",
+                ancestor.display(),
+                meta.mode() & 0o7777,
+                meta.uid(),
+                meta.gid(),
+                describe(id),
+                ancestor.display(),
+            )));
         }
     }
     Ok(None)

@@ -20,4 +20,5 @@ mod cluster;
 mod lifecycle;
 mod migrate;
 mod multinode;
+mod recipes;
 mod servers;

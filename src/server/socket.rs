@@ -1,7 +1,7 @@
 //! The Unix socket the apiserver dials: creation, permissions, stale-socket handling, removal.
 //!
 //! Rules: a missing parent directory is created 0750; an existing parent directory must be
-//! owned by this user or root and not writable by group or others (who could unlink the socket
+//! owned by the plugin's user ([`crate::identity`]) or root, writable by it and not by group or others (who could unlink the socket
 //! and bind their own in its place, and receive the apiserver's seeds); an existing path that is
 //! a socket nobody answers on is stale and replaced; a live socket or a non-socket path stops
 //! start-up and is left untouched. Abstract sockets (`@name`) have no file and no permissions: any process in
@@ -87,10 +87,9 @@ pub enum SocketError {
     },
     #[error("socket group {0:?} not found in /etc/group")]
     UnknownGroup(String),
-    #[error(
-        "socket directory {dir} (mode {mode:o}, uid {uid}) is writable by group or others or owned by another user: they could replace the socket; use a directory only this user or root can write (e.g. chmod 750)"
-    )]
-    UnsafeDirectory { dir: PathBuf, mode: u32, uid: u32 },
+    /// `why` names the directory, the cause (owner or mode) and the fix.
+    #[error("socket directory {why}")]
+    UnsafeDirectory { why: String },
 }
 
 /// Checks what can be checked before binding (for `kms-plugin check`): the group exists and
@@ -112,18 +111,29 @@ fn check_directory(address: &SocketAddress, dir: &Path) -> Result<(), SocketErro
         source,
     };
     let meta = fs::metadata(dir).map_err(io)?;
-    let me = rustix::process::geteuid().as_raw();
+    // The plugin's user: this process's, or `check --as-user`'s.
+    let id = crate::identity::current();
     // The socket's own directory: not even sticky (others could bind the name first).
-    if meta.mode() & 0o022 != 0 || (meta.uid() != me && meta.uid() != 0) {
+    if let Some(why) = crate::identity::unsafe_directory(dir, &meta, id, id.uid, false) {
+        return Err(SocketError::UnsafeDirectory { why });
+    }
+    if !crate::identity::may(id, &meta, crate::identity::WRITE | crate::identity::SEARCH) {
         return Err(SocketError::UnsafeDirectory {
-            dir: dir.to_owned(),
-            mode: meta.mode() & 0o7777,
-            uid: meta.uid(),
+            why: format!(
+                "{} (mode {:o}, uid {}, gid {}) does not let the plugin's user (uid {}) create its socket there; fix: chown {} {}",
+                dir.display(),
+                meta.mode() & 0o7777,
+                meta.uid(),
+                meta.gid(),
+                id.uid,
+                id.uid,
+                dir.display(),
+            ),
         });
     }
     // Above it, nothing another user could rename away and replace.
-    if let Some((dir, mode, uid)) = crate::secret_file::unsafe_ancestor(dir, me).map_err(io)? {
-        return Err(SocketError::UnsafeDirectory { dir, mode, uid });
+    if let Some(why) = crate::secret_file::unsafe_ancestor(dir, id).map_err(io)? {
+        return Err(SocketError::UnsafeDirectory { why });
     }
     Ok(())
 }
