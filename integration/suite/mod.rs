@@ -160,58 +160,34 @@ pub async fn try_status(c: &Client) -> Result<StatusResponse, tonic::Status> {
     c.clone().status(StatusRequest {}).await.map(|r| r.into_inner())
 }
 
-/// Generates `mod $scenario { #[tokio::test] fn <server>() }` for every server: add a new
-/// backend's harness here.
-macro_rules! every_server {
-    ($scenario:ident) => {
+/// Generates `mod $scenario { #[tokio::test] fn <test>() }`, one test per listed server.
+macro_rules! server_tests {
+    ($scenario:ident: $($server:ident => $test:ident),+ $(,)?) => {
         mod $scenario {
             use super::servers::*;
-            #[tokio::test]
-            async fn local() {
-                super::scenarios::$scenario::<Local>().await
-            }
-            #[tokio::test]
-            async fn pkcs11_softhsm() {
-                super::scenarios::$scenario::<Pkcs11>().await
-            }
-            #[tokio::test]
-            async fn aws_moto() {
-                super::scenarios::$scenario::<Aws>().await
-            }
-            #[tokio::test]
-            async fn vault_openbao() {
-                super::scenarios::$scenario::<Vault>().await
-            }
-            #[tokio::test]
-            async fn kmip_pykmip() {
-                super::scenarios::$scenario::<Kmip>().await
-            }
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::scenarios::$scenario::<$server>().await
+                }
+            )+
         }
+    };
+}
+
+/// A scenario against every server: add a new backend's harness here.
+macro_rules! every_server {
+    ($scenario:ident) => {
+        server_tests!($scenario: Local => local, Pkcs11 => pkcs11_softhsm, Aws => aws_moto,
+            Vault => vault_openbao, Kmip => kmip_pykmip);
     };
 }
 
 /// [`every_server!`] for the scenarios that need a server process of its own.
 macro_rules! every_remote_server {
     ($scenario:ident) => {
-        mod $scenario {
-            use super::servers::*;
-            #[tokio::test]
-            async fn pkcs11_softhsm() {
-                super::scenarios::$scenario::<Pkcs11>().await
-            }
-            #[tokio::test]
-            async fn aws_moto() {
-                super::scenarios::$scenario::<Aws>().await
-            }
-            #[tokio::test]
-            async fn vault_openbao() {
-                super::scenarios::$scenario::<Vault>().await
-            }
-            #[tokio::test]
-            async fn kmip_pykmip() {
-                super::scenarios::$scenario::<Kmip>().await
-            }
-        }
+        server_tests!($scenario: Pkcs11 => pkcs11_softhsm, Aws => aws_moto, Vault => vault_openbao,
+            Kmip => kmip_pykmip);
     };
 }
 
