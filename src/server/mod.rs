@@ -101,6 +101,8 @@ impl Stream for Incoming {
                 ready!(sleep.as_mut().poll(cx));
                 self.backoff = None;
             }
+            // Bounded descriptors: no accept while too many connections are still alive.
+            ready!(self.connections.poll_room(cx));
             match ready!(self.listener.poll_accept(cx)) {
                 Ok((stream, _)) if self.peers.load().allows(&stream) => {
                     if let Some(tracked) = self.connections.admit(stream) {
