@@ -136,3 +136,43 @@ async fn sigint_stops_cleanly_and_grace_bounds_shutdown() {
     assert!(plugin.wait_log("grace period elapsed").await);
     assert!(!std::path::Path::new(&dir.socket()).exists());
 }
+
+/// A pod's `emptyDir` is created mode 0777: refused as a socket directory unless the operator
+/// says it is private to the pod (OpenShift's one-socket-per-key sidecars), and then served.
+#[tokio::test]
+async fn an_emptydir_socket_directory_needs_the_pod_private_opt_in() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = Dir::new();
+    let shared = dir.path("emptydir");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let socket = shared.join("kms-key1.sock").display().to_string();
+    let key = dir.key("root.key").display().to_string();
+    let config = |extra: &str| {
+        dir.write_config(&format!(
+            "[socket]\npath = {socket:?}\n{extra}\n[backend]\ntype = \"local\"\ncurrent_key_file = {key:?}\n"
+        ))
+    };
+
+    let refused = config("");
+    let mut plugin = Plugin::spawn(&["serve", "--config", refused.to_str().unwrap()], &socket);
+    assert!(!plugin.wait_exit().await.success());
+    assert!(
+        plugin.logs().contains("is writable by group or others"),
+        "{}",
+        plugin.logs()
+    );
+
+    let opted_in = config("directory_private_to_pod = true");
+    let plugin = Plugin::start(&opted_in).await;
+    let mut c = plugin.client().await;
+    let seed = rand_bytes(32);
+    let e = encrypt(&mut c, &seed).await;
+    assert_eq!(decrypt(&mut c, &e).await.unwrap(), seed);
+    assert!(
+        plugin.wait_log("socket.directory_private_to_pod is set").await,
+        "{}",
+        plugin.logs()
+    );
+    plugin.stop().await;
+}

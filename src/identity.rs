@@ -88,6 +88,24 @@ pub fn may(id: Identity, meta: &Metadata, want: u32) -> bool {
 /// whom the fix chowns it to. `sticky_ok`: a sticky directory (others cannot remove what they
 /// do not own) is safe for files, not for a socket's directory (others could bind the name).
 pub fn unsafe_directory(dir: &Path, meta: &Metadata, id: Identity, fix_owner: u32, sticky_ok: bool) -> Option<String> {
+    if let Some(why) = unsafe_owner(dir, meta, id, fix_owner) {
+        return Some(why);
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 && !(sticky_ok && mode & 0o1000 != 0) {
+        return Some(format!(
+            "{} (mode {mode:o}, uid {}) is writable by group or others, who could replace what is in it; fix: chmod {:o} {}",
+            dir.display(),
+            meta.uid(),
+            mode & !0o1022,
+            dir.display(),
+        ));
+    }
+    None
+}
+
+/// The owner half of [`unsafe_directory`]: why `dir` is not owned by `id`'s user or root.
+pub fn unsafe_owner(dir: &Path, meta: &Metadata, id: Identity, fix_owner: u32) -> Option<String> {
     let mode = meta.mode() & 0o7777;
     if meta.uid() != id.uid && meta.uid() != 0 {
         let allowed = if id.uid == 0 {
@@ -101,15 +119,6 @@ pub fn unsafe_directory(dir: &Path, meta: &Metadata, id: Identity, fix_owner: u3
             meta.uid(),
             dir.display(),
             root_hint(meta.uid()),
-        ));
-    }
-    if mode & 0o022 != 0 && !(sticky_ok && mode & 0o1000 != 0) {
-        return Some(format!(
-            "{} (mode {mode:o}, uid {}) is writable by group or others, who could replace what is in it; fix: chmod {:o} {}",
-            dir.display(),
-            meta.uid(),
-            mode & !0o1022,
-            dir.display(),
         ));
     }
     None

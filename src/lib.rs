@@ -73,7 +73,11 @@ pub async fn run(
         warn!("{warning}");
     }
     let address: server::socket::SocketAddress = settings.socket.path.parse().map_err(StartError::Address)?;
-    server::socket::preflight(&address, settings.socket.group.as_deref())?;
+    server::socket::preflight(
+        &address,
+        settings.socket.group.as_deref(),
+        settings.socket.directory_private_to_pod,
+    )?;
     if let Err(e) = ops::hygiene::harden() {
         warn!(error = %e, "could not disable core dumps");
     }
@@ -136,7 +140,12 @@ pub async fn run(
         false => None,
     };
 
-    let (listener, guard) = server::socket::bind(&address, settings.socket.mode, settings.socket.group.as_deref())?;
+    let (listener, guard) = server::socket::bind(
+        &address,
+        settings.socket.mode,
+        settings.socket.group.as_deref(),
+        settings.socket.directory_private_to_pod,
+    )?;
     let key_id = keys
         .current()
         .map(|c| KeyIdHash(c.key_id()).to_string())

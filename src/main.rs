@@ -377,7 +377,12 @@ async fn check(config: Option<PathBuf>) -> Result<(), String> {
         eprintln!("kms-plugin: warning: {warning}");
     }
     let address: server::socket::SocketAddress = settings.socket.path.parse()?;
-    server::socket::preflight(&address, settings.socket.group.as_deref()).map_err(|e| e.to_string())?;
+    server::socket::preflight(
+        &address,
+        settings.socket.group.as_deref(),
+        settings.socket.directory_private_to_pod,
+    )
+    .map_err(|e| e.to_string())?;
     let backend = kms_plugin::build_backend(&settings).await.map_err(|e| e.to_string())?;
     let key_id = kms_plugin::keys::self_test::self_test(backend.as_ref()).await?.key_id;
     let id = kms_plugin::identity::current();

@@ -225,11 +225,15 @@ pub async fn ignore_hangups(mut shutdown: tokio::sync::watch::Receiver<bool>) {
 /// Refuses a reload that changes what a live process cannot, naming the first such field.
 fn fixed_fields_unchanged(old: &Settings, new: &Settings) -> Result<(), String> {
     let backend_type = |s: &Settings| s.backend.type_name();
-    let fixed: [(&str, bool); 11] = [
+    let fixed: [(&str, bool); 12] = [
         ("shutdown_grace", old.shutdown_grace != new.shutdown_grace),
         ("socket.path", old.socket.path != new.socket.path),
         ("socket.mode", old.socket.mode != new.socket.mode),
         ("socket.group", old.socket.group != new.socket.group),
+        (
+            "socket.directory_private_to_pod",
+            old.socket.directory_private_to_pod != new.socket.directory_private_to_pod,
+        ),
         (
             "socket.max_connections",
             old.socket.max_connections != new.socket.max_connections,

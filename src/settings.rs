@@ -130,6 +130,12 @@ pub struct SocketSettings {
     pub allowed_gids: Vec<u32>,
     /// Most open connections; when full, the idlest connection makes room for a new one.
     pub max_connections: usize,
+    /// Accept a socket directory that group or others may write (still owned by the plugin's
+    /// user or root). Only for a directory no other user can reach: a pod's `emptyDir`, which
+    /// the kubelet creates mode 0777, shared by the apiserver and plugin containers (OpenShift's
+    /// one-socket-per-key sidecars). Anyone who can write there could bind the socket's name
+    /// first or remove the socket.
+    pub directory_private_to_pod: bool,
 }
 
 impl Default for SocketSettings {
@@ -141,6 +147,7 @@ impl Default for SocketSettings {
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
             max_connections: 64,
+            directory_private_to_pod: false,
         }
     }
 }
@@ -541,6 +548,11 @@ impl Settings {
                 "socket.mode {:04o} lets every local user connect to the socket, and anyone who can connect can Decrypt; use 0600 (or 0660 with socket.group)",
                 self.socket.mode
             ));
+        }
+        if self.socket.directory_private_to_pod {
+            out.push(
+                "socket.directory_private_to_pod is set: a socket directory others may write is accepted; only safe in a pod's own emptyDir that no other user can reach".into(),
+            );
         }
         out
     }

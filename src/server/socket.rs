@@ -93,18 +93,19 @@ pub enum SocketError {
 }
 
 /// Checks what can be checked before binding (for `kms-plugin check`): the group exists and
-/// the socket's directory, if it exists, is safe.
-pub fn preflight(address: &SocketAddress, group: Option<&str>) -> Result<(), SocketError> {
+/// the socket's directory, if it exists, is safe. `private_to_pod`
+/// (`socket.directory_private_to_pod`) lets its own directory be writable by others.
+pub fn preflight(address: &SocketAddress, group: Option<&str>, private_to_pod: bool) -> Result<(), SocketError> {
     group.map(resolve_group).transpose()?;
     if let SocketAddress::Path(path) = address
         && let Some(parent) = path.parent().filter(|p| p.exists())
     {
-        check_directory(address, parent)?;
+        check_directory(address, parent, private_to_pod)?;
     }
     Ok(())
 }
 
-fn check_directory(address: &SocketAddress, dir: &Path) -> Result<(), SocketError> {
+fn check_directory(address: &SocketAddress, dir: &Path, private_to_pod: bool) -> Result<(), SocketError> {
     let io = |source| SocketError::Io {
         addr: address.clone(),
         what: "stat parent directory",
@@ -113,8 +114,14 @@ fn check_directory(address: &SocketAddress, dir: &Path) -> Result<(), SocketErro
     let meta = fs::metadata(dir).map_err(io)?;
     // The plugin's user: this process's, or `check --as-user`'s.
     let id = crate::identity::current();
-    // The socket's own directory: not even sticky (others could bind the name first).
-    if let Some(why) = crate::identity::unsafe_directory(dir, &meta, id, id.uid, false) {
+    // The socket's own directory: not even sticky (others could bind the name first), unless
+    // the operator says only the pod's containers can reach it; its owner is checked either way.
+    let unsafe_dir = if private_to_pod {
+        crate::identity::unsafe_owner(dir, &meta, id, id.uid)
+    } else {
+        crate::identity::unsafe_directory(dir, &meta, id, id.uid, false)
+    };
+    if let Some(why) = unsafe_dir {
         return Err(SocketError::UnsafeDirectory { why });
     }
     if !crate::identity::may(id, &meta, crate::identity::WRITE | crate::identity::SEARCH) {
@@ -131,8 +138,17 @@ fn check_directory(address: &SocketAddress, dir: &Path) -> Result<(), SocketErro
             ),
         });
     }
-    // Above it, nothing another user could rename away and replace.
-    if let Some(why) = crate::secret_file::unsafe_ancestor(dir, id).map_err(io)? {
+    // Above it, nothing another user could rename away and replace (the walk starts at the
+    // directory itself, already judged above when it is the pod's).
+    let real = fs::canonicalize(dir).map_err(io)?;
+    let walk_from = if private_to_pod {
+        real.parent()
+    } else {
+        Some(real.as_path())
+    };
+    if let Some(from) = walk_from
+        && let Some(why) = crate::secret_file::unsafe_ancestor(from, id).map_err(io)?
+    {
         return Err(SocketError::UnsafeDirectory { why });
     }
     Ok(())
@@ -157,11 +173,13 @@ impl Drop for SocketGuard {
     }
 }
 
-/// Binds `address` following the rules above. Must run inside a tokio runtime.
+/// Binds `address` following the rules above (`private_to_pod`: see [`preflight`]). Must run
+/// inside a tokio runtime.
 pub fn bind(
     address: &SocketAddress,
     mode: u32,
     group: Option<&str>,
+    private_to_pod: bool,
 ) -> Result<(tokio::net::UnixListener, SocketGuard), SocketError> {
     let io_err = |what: &'static str| {
         let addr = address.clone();
@@ -179,7 +197,7 @@ pub fn bind(
                 }
             })?,
         SocketAddress::Path(path) => {
-            prepare_path(address, path)?;
+            prepare_path(address, path, private_to_pod)?;
             // The socket is created with its final mode (umask), so there is no window in which
             // others could connect before a chmod; and nothing follows a symlink afterwards.
             let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(!mode & 0o777));
@@ -208,7 +226,7 @@ pub fn bind(
     ))
 }
 
-fn prepare_path(address: &SocketAddress, path: &Path) -> Result<(), SocketError> {
+fn prepare_path(address: &SocketAddress, path: &Path, private_to_pod: bool) -> Result<(), SocketError> {
     let io_err = |what: &'static str| {
         let addr = address.clone();
         move |source| SocketError::Io { addr, what, source }
@@ -221,7 +239,7 @@ fn prepare_path(address: &SocketAddress, path: &Path) -> Result<(), SocketError>
                 .create(parent)
                 .map_err(io_err("create parent directory"))?;
         }
-        check_directory(address, parent)?;
+        check_directory(address, parent, private_to_pod)?;
     }
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
