@@ -24,12 +24,7 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
         .env_remove("RUST_LOG")
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    outcome(&out)
 }
 
 /// Lets this test process hold thousands of sockets.

@@ -182,12 +182,8 @@ async fn echoed_requests_never_reach_logs_or_check_output() {
     })
     .await
     .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!out.status.success(), "{text}");
+    let (ok, text) = crate::common::outcome(&out);
+    assert!(!ok, "{text}");
     assert!(text.contains("auth endpoint not shown"), "{text}");
     assert!(!text.contains(secret_id), "{text}");
 

@@ -220,12 +220,8 @@ fn verify(root: &Path, units: &[&str]) -> (bool, String) {
         .args(units)
         .output()
         .expect("systemd-analyze (integration/deps.sh installs systemd)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success() && text.trim().is_empty(), text)
+    let (ok, text) = crate::common::outcome(&out);
+    (ok && text.trim().is_empty(), text)
 }
 
 #[test]

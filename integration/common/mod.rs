@@ -393,14 +393,17 @@ pub fn check(config: &Path) -> (bool, String) {
         .env_remove("RUST_LOG")
         .output()
         .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    outcome(&out)
+}
+
+/// A finished command's (success, stdout then stderr).
+pub fn outcome(out: &std::process::Output) -> (bool, String) {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
 }
 
 /// `n` seeds and their ciphertexts under distinct KEKs, made by other plugin instances with
