@@ -188,29 +188,30 @@ impl Settings {
 /// owns (with that type's `files()` and `build()`). Adding a backend is its folder under
 /// `src/backend/` plus one line here.
 macro_rules! backends {
-    ($($name:literal => $variant:ident($settings:ty)),+ $(,)?) => {
+    ($($(#[cfg($on:meta)])? $name:literal => $variant:ident($settings:ty)),+ $(,)?) => {
         /// Which remote KMS holds the root key: `[backend]` with `type` and that backend's
         /// fields beside it.
         #[derive(Debug, Clone)]
         pub enum BackendSettings {
-            $($variant(Box<$settings>)),+
+            $($(#[cfg($on)])? $variant(Box<$settings>)),+
         }
 
-        /// The `type` names, as messages list them.
+        /// The `type` names, as messages list them (also those of backends left out of this
+        /// build by a cargo feature, so their settings get a precise refusal).
         pub const BACKEND_TYPES: &[&str] = &[$($name),+];
 
         impl BackendSettings {
             /// The `type` this section was read with.
             pub fn type_name(&self) -> &'static str {
                 match self {
-                    $(Self::$variant(_) => $name),+
+                    $($(#[cfg($on)])? Self::$variant(_) => $name),+
                 }
             }
 
             /// Every file this backend's settings name, for change detection.
             pub fn files(&self) -> Vec<PathBuf> {
                 match self {
-                    $(Self::$variant(s) => s.files()),+
+                    $($(#[cfg($on)])? Self::$variant(s) => s.files()),+
                 }
             }
 
@@ -218,14 +219,18 @@ macro_rules! backends {
             /// workers).
             pub async fn build(&self) -> Result<std::sync::Arc<dyn crate::backend::Backend>, String> {
                 match self {
-                    $(Self::$variant(s) => s.build().await),+
+                    $($(#[cfg($on)])? Self::$variant(s) => s.build().await),+
                 }
             }
 
             /// Reads the `[backend]` table (without its `type`) as the settings of `kind`.
             fn parse(kind: &str, table: &::config::Config) -> Result<Self, SettingsError> {
                 match kind {
-                    $($name => Ok(Self::$variant(Box::new(backend_table(table)?))),)+
+                    $($(#[cfg($on)])? $name => Ok(Self::$variant(Box::new(backend_table(table)?))),)+
+                    other if BACKEND_TYPES.contains(&other) => Err(SettingsError(format!(
+                        "backend.type: {other:?} is not in this build (it was built without the \
+                         cargo feature {other:?}; the release binary and image have it)"
+                    ))),
                     other => Err(SettingsError(format!(
                         "backend.type: unknown backend {other:?} ({})",
                         backend_types(false)

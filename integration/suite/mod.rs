@@ -93,6 +93,17 @@ pub trait RemoteServer: RootKeyServer {
     async fn restart(&mut self);
 }
 
+/// A key manager whose access control can take the plugin's permission away (IAM, RBAC, an
+/// access policy) and give it back, the key itself untouched.
+#[allow(async_fn_in_trait, dead_code)]
+pub trait DenyingServer: RemoteServer {
+    /// Takes the plugin's permission to use the key away.
+    async fn deny(&mut self, dir: &Dir);
+
+    /// Gives it back.
+    async fn allow(&mut self, dir: &Dir);
+}
+
 /// One test's server, scratch directory and the single config path its plugins read.
 pub struct Case<S> {
     pub dir: Dir,
@@ -162,10 +173,12 @@ pub async fn try_status(c: &Client) -> Result<StatusResponse, tonic::Status> {
 
 /// Generates `mod $scenario { #[tokio::test] fn <test>() }`, one test per listed server.
 macro_rules! server_tests {
-    ($scenario:ident: $($server:ident => $test:ident),+ $(,)?) => {
+    ($scenario:ident: $($(#[cfg($on:meta)])? $server:ident => $test:ident),+ $(,)?) => {
         mod $scenario {
+            #[allow(unused_imports)] // every server of the list may be left out by its feature
             use super::servers::*;
             $(
+                $(#[cfg($on)])?
                 #[tokio::test]
                 async fn $test() {
                     super::scenarios::$scenario::<$server>().await
@@ -190,6 +203,10 @@ macro_rules! every_remote_server {
             Kmip => kmip_pykmip);
     };
 }
+
+/// The scenarios that need a [`DenyingServer`]: the cloud key managers, e.g.
+/// `server_tests!(permission_denied_refuses_and_heals: Gcp => gcp_emulated, Azure => azure_emulated);`
+/// with each harness behind its backend's cargo feature.
 
 every_server!(round_trip_restart_and_tamper);
 every_server!(rotation_keeps_old_ciphertexts);

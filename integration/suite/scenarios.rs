@@ -7,7 +7,7 @@ use kms_plugin::contract::KEK_ANNOTATION;
 use kms_plugin::proto::v2::EncryptRequest;
 use tonic::Code;
 
-use super::{Case, Pickup, Recovery, RemoteServer, RootKeyServer, try_status};
+use super::{Case, DenyingServer, Pickup, Recovery, RemoteServer, RootKeyServer, try_status};
 use crate::common::leaks::assert_no_leaks;
 use crate::common::*;
 
@@ -171,6 +171,37 @@ pub async fn revocation_purges_and_recovers<S: RemoteServer>() {
     let fresh = encrypt(&mut c, &seed).await;
     assert_contract(&fresh, &now.key_id);
     assert_eq!(decrypt(&mut c, &fresh).await.unwrap(), seed);
+    plugin.stop().await;
+}
+
+/// The key manager takes the plugin's permission away: Status fails with PermissionDenied, the
+/// current key's KEKs are purged (a denial is authoritative, like a revocation) and its data
+/// refused; once permission is back, the same key serves again and its data decrypts.
+#[allow(dead_code)] // until the first cloud backend's harness is listed in `every_denying_server!`
+pub async fn permission_denied_refuses_and_heals<S: DenyingServer>() {
+    let mut case = Case::<S>::new(FAST_PROBE).await;
+    let (cold_seed, cold) = case.cold().await;
+    let plugin = case.plugin().await;
+    let mut c = plugin.client().await;
+    let key_id = status(&mut c).await.key_id;
+    let seed = rand_bytes(32);
+    let e = encrypt(&mut c, &seed).await;
+
+    case.server.deny(&case.dir).await;
+    let err = eventually_some("Status to fail", || async { try_status(&c).await.err() }).await;
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    eventually("the denied key's KEKs to be purged", || async {
+        plugin.metric("kms_plugin_kek_cache_size ").await == 0.0
+    })
+    .await;
+    let err = decrypt(&mut c, &cold).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "cold Decrypt while denied: {err:?}");
+
+    case.server.allow(&case.dir).await;
+    let now = eventually_some("Status to recover", || async { try_status(&c).await.ok() }).await;
+    assert_eq!((now.healthz.as_str(), now.key_id.as_str()), ("ok", key_id.as_str()));
+    assert_eq!(decrypt(&mut c, &e).await.unwrap(), seed);
+    assert_eq!(decrypt(&mut c, &cold).await.unwrap(), cold_seed);
     plugin.stop().await;
 }
 
