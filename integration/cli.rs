@@ -144,12 +144,17 @@ fn every_example_config_parses() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
             let text = std::fs::read_to_string(&path).unwrap();
-            kms_plugin::settings::Settings::from_toml(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            match kms_plugin::settings::Settings::from_toml(&text) {
+                Ok(_) => {}
+                // A backend this test build was made without (its cargo feature off).
+                Err(e) if e.to_string().contains("is not in this build") => {}
+                Err(e) => panic!("{}: {e}", path.display()),
+            }
             seen.push(path.file_stem().unwrap().to_string_lossy().into_owned());
         }
     }
     seen.sort();
-    for backend in ["aws", "kmip", "pkcs11", "vault"] {
+    for backend in kms_plugin::settings::BACKEND_TYPES {
         assert!(
             seen.iter().any(|s| s == backend),
             "deploy/examples/{backend}.toml missing; have {seen:?}"

@@ -14,4 +14,4 @@ source integration/deps.sh
 
 # The tests are #[ignore]d in the normal suite; three at a time keeps the wall time down while
 # most of it is the apiserver's own 1-minute Status poll.
-cargo test --locked --test e2e -- --ignored --nocapture --test-threads "${KMS_E2E_THREADS:-3}" "$@"
+cargo test --locked --features cloud --test e2e -- --ignored --nocapture --test-threads "${KMS_E2E_THREADS:-3}" "$@"

@@ -8,6 +8,8 @@ mod bad_input;
 mod bench_smoke;
 mod cli;
 mod deploy;
+#[cfg(feature = "gcp")]
+mod gcp;
 mod hardening;
 mod hierarchy;
 mod host_layout;

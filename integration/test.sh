@@ -9,4 +9,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source integration/deps.sh
 
-cargo test --locked --all-targets
+cargo test --locked --all-targets --features cloud

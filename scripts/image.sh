@@ -24,10 +24,10 @@ command -v buildah >/dev/null || { echo "buildah missing (apt-get install builda
 
 target=${CARGO_TARGET_DIR:-target}
 if [ "$profile" = release ]; then
-  cargo build --locked --release --bin kms-plugin
+  cargo build --locked --release --bin kms-plugin --features cloud
 else
   # As scripts/release.sh --debug: reuse what `cargo test --all-targets` built.
-  cargo build --locked --all-targets
+  cargo build --locked --all-targets --features cloud
 fi
 # Only now: C build scripts (ring's cc) rebuild when SOURCE_DATE_EPOCH changes, and the build
 # above should reuse what the test run compiled.

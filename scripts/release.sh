@@ -23,11 +23,11 @@ outdir=$1
 
 target=${CARGO_TARGET_DIR:-target}
 if [ "$profile" = release ]; then
-  cargo build --locked --release --bins
+  cargo build --locked --release --bins --features cloud
 else
   # --all-targets: the same feature set as `cargo test --all-targets` (dev-dependencies unify
   # features), so after CI's test run this reuses its build instead of recompiling dependencies.
-  cargo build --locked --all-targets
+  cargo build --locked --all-targets --features cloud
 fi
 # Only now: C build scripts (ring's cc) rebuild when SOURCE_DATE_EPOCH changes, and the build
 # above should reuse what the test run compiled.

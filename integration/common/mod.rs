@@ -16,6 +16,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 pub mod etcd;
 pub mod fake_kmip;
 pub mod fake_vault;
+#[cfg(feature = "gcp")]
+pub mod gcp;
 pub mod kmip;
 pub mod leaks;
 pub mod moto;

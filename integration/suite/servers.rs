@@ -364,3 +364,87 @@ impl RemoteServer for Kmip {
         self.kmip.run();
     }
 }
+
+/// The Cloud KMS emulation; the current key's primary version wraps, a rotation makes a new
+/// primary version (noticed by the probe), revocation disables the primary.
+#[cfg(feature = "gcp")]
+pub struct Gcp {
+    kms: crate::common::gcp::GcpKms,
+    key: String,
+    /// Versions of `key`, the last primary.
+    versions: Vec<String>,
+}
+
+#[cfg(feature = "gcp")]
+impl RootKeyServer for Gcp {
+    async fn start(dir: &Dir) -> Self {
+        let kms = crate::common::gcp::GcpKms::start(dir).await;
+        let key = kms.create_key("root");
+        let versions = vec![format!("{key}/cryptoKeyVersions/1")];
+        Gcp { kms, key, versions }
+    }
+
+    fn config(&self, dir: &Dir, extra: &str) -> String {
+        self.kms
+            .config(dir, &self.key, &[], &self.kms.service_account_line(), extra)
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        self.kms.env()
+    }
+
+    async fn rotate(&mut self, _: &Dir) -> Pickup {
+        self.versions.push(self.kms.rotate(&self.key));
+        Pickup::Live
+    }
+
+    fn secrets(&self, _: &Dir) -> Vec<Vec<u8>> {
+        let account: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.kms.service_account()).unwrap()).unwrap();
+        let pem = account["private_key"].as_str().unwrap();
+        let mut out: Vec<Vec<u8>> = pem
+            .lines()
+            .filter(|l| l.len() >= 32)
+            .map(|l| l.as_bytes().to_vec())
+            .collect();
+        out.extend(self.kms.tokens().into_iter().map(String::into_bytes));
+        out
+    }
+
+    async fn kek(&self, _: &Dir, e: &EncryptResponse) -> Option<Vec<u8>> {
+        Some(self.kms.unwrap(&e.key_id, &e.annotations[KEK_ANNOTATION]))
+    }
+}
+
+#[cfg(feature = "gcp")]
+impl RemoteServer for Gcp {
+    const REVOKED: Code = Code::FailedPrecondition;
+
+    async fn revoke(&mut self, _: &Dir) {
+        self.kms.set_state(self.versions.last().unwrap(), "DISABLED");
+    }
+
+    async fn recover(&mut self, _: &Dir) -> Recovery {
+        self.kms.set_state(self.versions.last().unwrap(), "ENABLED");
+        Recovery::SameKey
+    }
+
+    async fn stop(&mut self) {
+        self.kms.stop();
+    }
+
+    async fn restart(&mut self) {
+        self.kms.restart().await;
+    }
+}
+
+#[cfg(feature = "gcp")]
+impl super::DenyingServer for Gcp {
+    async fn deny(&mut self, _: &Dir) {
+        self.kms.deny(true);
+    }
+
+    async fn allow(&mut self, _: &Dir) {
+        self.kms.deny(false);
+    }
+}

@@ -12,6 +12,8 @@
 
 pub mod aws;
 pub mod delay;
+#[cfg(feature = "gcp")]
+pub mod gcp;
 pub mod kmip;
 pub mod local;
 pub mod pkcs11;
