@@ -48,6 +48,7 @@ use tokio_rustls::client::TlsStream;
 use zeroize::Zeroizing;
 
 use super::registry::{Entry, KeyRegistry};
+use super::tls::TlsSettings;
 use super::{Backend, BackendError, ErrorKind, Wrapped};
 use crate::secret::{KEY_LEN, Kek};
 use ttlv::{Item, Value, tag};
@@ -85,12 +86,11 @@ const STATE_NAMES: [&str; 7] = [
 pub struct KmipSettings {
     /// `host:port` (port 5696 if omitted).
     pub address: String,
-    /// CA bundle that signed the server's certificate; else the system's roots.
+    /// TLS: see [`TlsSettings`] (read through [`KmipSettings::tls`]). The client certificate
+    /// and key are required: KMIP requires mutual TLS.
     pub ca_file: Option<PathBuf>,
-    /// The client certificate and key the server authenticates (KMIP requires mutual TLS).
     pub client_cert_file: PathBuf,
     pub client_key_file: PathBuf,
-    /// Name to verify the server's certificate against, when the address does not carry it.
     pub tls_server_name: Option<String>,
     /// Optional username/password credential; the password is read from this file.
     pub username: Option<String>,
@@ -127,16 +127,21 @@ impl KmipSettings {
 
     /// Every file these settings name (for change detection by a reload).
     pub fn files(&self) -> Vec<PathBuf> {
-        [
-            self.ca_file.as_ref(),
-            Some(&self.client_cert_file),
-            Some(&self.client_key_file),
-            self.password_file.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect()
+        self.tls()
+            .files()
+            .into_iter()
+            .chain(self.password_file.clone())
+            .collect()
+    }
+
+    /// The TLS fields, as the type every network backend shares.
+    pub fn tls(&self) -> TlsSettings {
+        TlsSettings {
+            ca_file: self.ca_file.clone(),
+            client_cert_file: Some(self.client_cert_file.clone()),
+            client_key_file: Some(self.client_key_file.clone()),
+            server_name: self.tls_server_name.clone(),
+        }
     }
 }
 
@@ -174,14 +179,14 @@ impl KmipBackend {
             ),
             _ => (s.address.trim_matches(['[', ']']).to_string(), 5696),
         };
-        let name = s.tls_server_name.clone().unwrap_or_else(|| host.clone());
-        let server_name = rustls::pki_types::ServerName::try_from(name.clone())
-            .map_err(|e| format!("tls_server_name {name:?}: {e}"))?;
-        let tls = super::tls::client_config(
-            s.ca_file.as_deref(),
-            Some(&s.client_cert_file),
-            Some(&s.client_key_file),
-        )?;
+        let tls_settings = s.tls();
+        let server_name = match tls_settings.server_name()? {
+            Some(name) => name,
+            // The host of the address: an error here names it as the setting at fault.
+            None => rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| format!("tls_server_name {host:?}: {e}"))?,
+        };
+        let tls = tls_settings.client_config()?;
         let credential = match (&s.username, &s.password_file) {
             (Some(user), Some(file)) => {
                 let policy = crate::secret_file::Policy {
