@@ -61,6 +61,10 @@ pub struct PeerPolicy {
     pub gids: Vec<u32>,
 }
 
+/// Where the server reads the [`PeerPolicy`] in force, at every accepted connection: a
+/// configuration reload replaces it with the rest of what the process runs with.
+pub type PeerSource = Box<dyn Fn() -> Arc<PeerPolicy> + Send + Sync>;
+
 impl PeerPolicy {
     fn allows(&self, stream: &tokio::net::UnixStream) -> bool {
         if self.uids.is_empty() && self.gids.is_empty() {
@@ -86,8 +90,7 @@ impl PeerPolicy {
 /// and an accept error (EMFILE …) pauses accepting for a moment instead of spinning.
 struct Incoming {
     listener: tokio::net::UnixListener,
-    /// Swapped whole by a configuration reload.
-    peers: Arc<arc_swap::ArcSwap<PeerPolicy>>,
+    peers: PeerSource,
     connections: Arc<Connections>,
     backoff: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -104,7 +107,7 @@ impl Stream for Incoming {
             // Bounded descriptors: no accept while too many connections are still alive.
             ready!(self.connections.poll_room(cx));
             match ready!(self.listener.poll_accept(cx)) {
-                Ok((stream, _)) if self.peers.load().allows(&stream) => {
+                Ok((stream, _)) if (self.peers)().allows(&stream) => {
                     if let Some(tracked) = self.connections.admit(stream) {
                         let uid = tracked.uid();
                         let refusals = self.connections.http2_refusals();
@@ -126,7 +129,7 @@ impl Stream for Incoming {
 pub async fn serve(
     listener: tokio::net::UnixListener,
     service: KmsService,
-    peers: Arc<arc_swap::ArcSwap<PeerPolicy>>,
+    peers: PeerSource,
     connections: Arc<Connections>,
     grace: Duration,
     shutdown: impl Future<Output = ()>,
