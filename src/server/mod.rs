@@ -135,7 +135,25 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let edge = edge::EdgeLayer::new(service.call_counter(), MAX_REQUEST_BYTES);
+    // The edge, outermost first; each layer is one file in edge/.
+    // 1. open calls: a call over the limits is refused before anything else is spent on it
+    //    (counted and logged there, so not again by 2);
+    // 2. refusals: counts and logs what the layers below and tonic refuse before a handler runs;
+    // 3. size limit: tonic's OutOfRange for an oversized request becomes ResourceExhausted, below
+    //    2, so the refusal is counted under the code the caller gets;
+    // 4. in progress: from a complete request to a ready response, the call protects its
+    //    connection from eviction;
+    // 5. body deadline: innermost, on the body the handler reads; its refusals reach 2.
+    let log_budget = Arc::new(edge::LogBudget::default());
+    let edge = tower::ServiceBuilder::new()
+        .layer(edge::OpenCallsLayer::new(
+            service.call_counter(),
+            Arc::clone(&log_budget),
+        ))
+        .layer(edge::RefusalsLayer::new(service.call_counter(), log_budget))
+        .layer(edge::SizeLimitLayer::new(MAX_REQUEST_BYTES))
+        .layer(edge::InProgressLayer)
+        .layer(edge::BodyDeadlineLayer::default());
     let grpc = KeyManagementServiceServer::new(service)
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_REQUEST_BYTES);
