@@ -1,9 +1,10 @@
 //! The plugin's one error type and its one mapping to gRPC status codes: handlers, the edge
-//! layer and the codec all refuse through it.
+//! layers (server/edge/) and the codec all refuse through it.
 //!
 //! Messages sent to the apiserver name what was wrong with the request and never carry backend
 //! details, key material or request bytes; backend details go to the log only.
 
+use tonic::codegen::http;
 use tonic::{Code, Status};
 
 use crate::backend::{BackendError, ErrorKind};
@@ -109,5 +110,55 @@ impl Error {
             other => other.to_string(),
         };
         Status::new(self.code(), msg)
+    }
+
+    /// A trailers-only response carrying [`Error::to_status`]: a call refused before routing.
+    pub fn to_http<B: Default>(&self) -> http::Response<B> {
+        self.to_status().into_http()
+    }
+
+    /// Makes `response`, a trailers-only one tonic built (a call it refused), carry this error's
+    /// status instead of the one tonic chose.
+    pub fn restate<B>(&self, response: &mut http::Response<B>) {
+        let status = self.to_status();
+        let headers = response.headers_mut();
+        headers.insert("grpc-status", http::HeaderValue::from(status.code() as i32));
+        // Every message of ours is ASCII text (no backend detail, no request bytes).
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::try_from(status.message()).expect("ASCII"),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_edge_refusal_is_answered_through_the_one_mapping() {
+        let refused = Error::BodiesWaiting.to_http::<()>();
+        let header = |r: &http::Response<()>, name: &str| r.headers()[name].to_str().unwrap().to_string();
+        assert_eq!(
+            header(&refused, "grpc-status"),
+            (Code::ResourceExhausted as i32).to_string()
+        );
+        // tonic percent-encodes the message (gRPC's encoding of grpc-message).
+        assert_eq!(
+            header(&refused, "grpc-message").replace("%20", " "),
+            "too many requests waiting for the rest of their body"
+        );
+
+        // tonic's own answer to an oversized request, restated as ours.
+        let mut response = Status::out_of_range("decoded message length too large").into_http::<()>();
+        Error::TooLarge(4096).restate(&mut response);
+        assert_eq!(
+            header(&response, "grpc-status"),
+            (Code::ResourceExhausted as i32).to_string()
+        );
+        assert_eq!(
+            header(&response, "grpc-message"),
+            "request larger than the 4096-byte limit"
+        );
     }
 }

@@ -85,12 +85,9 @@ pub async fn run(
         ops::hygiene::lock_memory().map_err(|e| StartError::Setup(format!("process.mlock: mlockall failed: {e}")))?;
     }
     let backend = build_backend(&settings).await?;
-    let keys = Keys::new(
-        backend,
-        settings.policy(),
-        settings.kek.cache_capacity,
-        settings.probe.max_outage,
-    );
+    // What the process runs with, as one value a reload replaces whole.
+    let running = reload::Running::new(settings.clone(), backend).shared();
+    let keys = Keys::with_source(reload::active_source(&running), settings.kek.cache_capacity);
     // Make the first KEK before binding, so the apiserver's first Status is already healthy.
     // If the backend is down, start anyway: Status fails until the background task succeeds.
     if let Err(e) = keys.check_and_rotate().await {
@@ -167,22 +164,11 @@ pub async fn run(
 
     let (stop_rotation, rotation_stopped) = tokio::sync::watch::channel(false);
     let rotation = tokio::spawn(Arc::clone(&keys).run_rotation(rotation_stopped.clone()));
-    let peers = Arc::new(arc_swap::ArcSwap::from_pointee(server::PeerPolicy {
-        uids: settings.socket.allowed_uids.clone(),
-        gids: settings.socket.allowed_gids.clone(),
-    }));
+    let peers = reload::peer_source(&running);
     let shutdown_grace = settings.shutdown_grace;
     let reloader = match config {
         Some(path) => {
-            let reloader = reload::Reloader::new(
-                path,
-                settings,
-                Arc::clone(&keys),
-                Arc::clone(&peers),
-                log,
-                reload_metrics,
-            )
-            .await;
+            let reloader = reload::Reloader::new(path, running, Arc::clone(&keys), log, reload_metrics).await;
             Some(tokio::spawn(reloader.run(rotation_stopped)))
         }
         // No file to reload (--dev, --socket): a SIGHUP must not terminate the plugin.

@@ -4,8 +4,10 @@
 //! Changes are noticed by content hash, polled: kubelet-mounted ConfigMaps and Secrets change by
 //! swapping symlinks, which a watch on the file itself would miss. A reload reads and checks the
 //! whole new configuration and builds a new backend beside the old one, which must answer a
-//! probe, a wrap and an unwrap under its current key. Only then is it put in force, in one swap
-//! (`Keys::replace`): calls already running finish on the old one; cached KEKs of root keys
+//! probe, a wrap and an unwrap under its current key. Only then is it put in force: one
+//! [`Running`] value, built from the new settings by [`Running::new`] (as at start-up), is
+//! swapped whole (under `Keys::replace`), so no call sees the new backend with the old peer
+//! lists or policies; calls already running finish on the old one; cached KEKs of root keys
 //! still configured stay cached, those of removed keys are purged. Anything less leaves the old
 //! configuration serving, logs why (naming the field) and counts a failure. Files are read,
 //! hashed and parsed off the async worker, and none over `secret_file::MAX_FILE_BYTES` is read:
@@ -30,11 +32,59 @@ use prometheus_client::registry::Registry;
 use ring::digest;
 use tracing::{info, warn};
 
-use crate::keys::{Active, Keys};
+use crate::backend::Backend;
+use crate::keys::{Active, ActiveSource, Keys};
 use crate::logging::LevelHandle;
 use crate::secret_file::{self, MAX_FILE_BYTES};
-use crate::server::PeerPolicy;
+use crate::server::{PeerPolicy, PeerSource};
 use crate::settings::Settings;
+
+/// What the process runs with: the settings in force, the hierarchy's backend and policies, and
+/// the peer allow-lists (the log level is `settings.log.level`). Built by one function,
+/// [`Running::new`], at start-up and for every reload, and replaced whole.
+pub struct Running {
+    pub settings: Settings,
+    pub active: Arc<Active>,
+    pub peers: Arc<PeerPolicy>,
+}
+
+/// The [`Running`] value in force, shared by everything that reads it; only a reload stores.
+pub type SharedRunning = Arc<ArcSwap<Running>>;
+
+impl Running {
+    /// Everything the process runs with, from `settings` and the backend built from them.
+    pub fn new(settings: Settings, backend: Arc<dyn Backend>) -> Self {
+        Self {
+            active: Arc::new(Active {
+                backend,
+                policy: settings.policy(),
+                max_outage: settings.probe.max_outage,
+            }),
+            peers: Arc::new(PeerPolicy {
+                uids: settings.socket.allowed_uids.clone(),
+                gids: settings.socket.allowed_gids.clone(),
+            }),
+            settings,
+        }
+    }
+
+    /// Puts `running` in force: the one place a [`SharedRunning`] starts.
+    pub fn shared(self) -> SharedRunning {
+        Arc::new(ArcSwap::from_pointee(self))
+    }
+}
+
+/// What [`Keys`] reads on every call: the hierarchy part of the running value.
+pub fn active_source(running: &SharedRunning) -> ActiveSource {
+    let running = Arc::clone(running);
+    Box::new(move || Arc::clone(&running.load().active))
+}
+
+/// What the server reads on every accepted connection: the peer lists of the running value.
+pub fn peer_source(running: &SharedRunning) -> PeerSource {
+    let running = Arc::clone(running);
+    Box::new(move || Arc::clone(&running.load().peers))
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Outcome {
@@ -76,30 +126,27 @@ impl ReloadMetrics {
 /// What a reload changes in the running process.
 pub struct Reloader {
     path: PathBuf,
-    settings: Settings,
+    running: SharedRunning,
     keys: Arc<Keys>,
-    peers: Arc<ArcSwap<PeerPolicy>>,
     log: LevelHandle,
     metrics: ReloadMetrics,
     fingerprint: Vec<u8>,
 }
 
 impl Reloader {
-    /// `settings` are the ones in force, loaded from `path`. Their files are fingerprinted now
-    /// (off the async worker), so a change made from here on is noticed.
+    /// `running` is in force, its settings loaded from `path`; `keys` reads it. Its files are
+    /// fingerprinted now (off the async worker), so a change made from here on is noticed.
     pub async fn new(
         path: PathBuf,
-        settings: Settings,
+        running: SharedRunning,
         keys: Arc<Keys>,
-        peers: Arc<ArcSwap<PeerPolicy>>,
         log: LevelHandle,
         metrics: ReloadMetrics,
     ) -> Self {
         let mut reloader = Self {
             path,
-            settings,
+            running,
             keys,
-            peers,
             log,
             metrics,
             fingerprint: Vec::new(),
@@ -119,7 +166,7 @@ impl Reloader {
             }
         };
         loop {
-            let interval = self.settings.reload.interval;
+            let interval = self.running.load().settings.reload.interval;
             let by_signal = tokio::select! {
                 _ = tokio::time::sleep(interval) => false,
                 Some(()) = async { hup.as_mut()?.recv().await } => true,
@@ -150,7 +197,7 @@ impl Reloader {
 
     /// The fingerprint of the files in force now, taken off the async worker.
     async fn current_fingerprint(&self) -> Option<Vec<u8>> {
-        let (path, files) = (self.path.clone(), self.settings.backend.files());
+        let (path, files) = (self.path.clone(), self.running.load().settings.backend.files());
         match off_thread(move || fingerprint(&path, &files)).await {
             Ok(now) => Some(now),
             Err(why) => {
@@ -170,7 +217,7 @@ impl Reloader {
             Ok::<_, String>((new, loaded))
         })
         .await??;
-        fixed_fields_unchanged(&self.settings, &new)?;
+        fixed_fields_unchanged(&self.running.load().settings, &new)?;
         let backend = tokio::time::timeout(crate::keys::BACKEND_CALL_TIMEOUT, crate::startup::build_backend(&new))
             .await
             .map_err(|_| "building the backend timed out".to_string())?
@@ -182,23 +229,13 @@ impl Reloader {
         let first = (passed.kek, passed.wrapped);
         let key_id_hash = crate::logging::KeyIdHash(&first.1.key_id).to_string();
         let decrypt_only = crate::logging::key_list(&backend.decrypt_only());
-        let purged = self
-            .keys
-            .replace(
-                Active {
-                    backend,
-                    policy: new.policy(),
-                    max_outage: new.probe.max_outage,
-                },
-                first,
-            )
-            .await;
-        self.peers.store(Arc::new(PeerPolicy {
-            uids: new.socket.allowed_uids.clone(),
-            gids: new.socket.allowed_gids.clone(),
-        }));
-        self.log.set(&new.log.level);
-        self.settings = new;
+        let next = Arc::new(Running::new(new, backend));
+        let swap = || {
+            self.running.store(Arc::clone(&next));
+            // The process-wide log filter cannot live in the swapped value: set at the swap.
+            self.log.set(&next.settings.log.level);
+        };
+        let purged = self.keys.replace(swap, first).await;
         self.fingerprint = loaded;
         Ok(format!(
             "current key_id_hash {key_id_hash}, decrypt-only keys: {decrypt_only}, {} of removed keys purged",
@@ -298,4 +335,49 @@ fn file_digest(path: &Path) -> std::io::Result<Vec<u8>> {
     let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(meta.len() as usize + 1));
     file.take(MAX_FILE_BYTES + 1).read_to_end(&mut buf)?;
     Ok(digest::digest(&digest::SHA256, &buf).as_ref().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::local::LocalBackend;
+    use crate::secret::Kek;
+    use std::time::Duration;
+
+    fn settings(uid: u32, max_outage: &str) -> Settings {
+        Settings::from_toml(&format!(
+            "[socket]\nallowed_uids = [{uid}]\n[probe]\nmax_outage = \"{max_outage}\"\n[backend]\ntype = \"local\"\ncurrent_key_file = \"/k\"\n"
+        ))
+        .unwrap()
+    }
+
+    fn backend(byte: u8) -> Arc<dyn Backend> {
+        Arc::new(LocalBackend::from_keys(
+            Kek::from_bytes(&[byte; 32]).unwrap(),
+            Vec::new(),
+        ))
+    }
+
+    #[test]
+    fn one_value_from_the_settings_and_every_reader_sees_the_swap() {
+        let (old, new) = (backend(1), backend(2));
+        let running = Running::new(settings(1, "1m"), Arc::clone(&old)).shared();
+        let (active, peers) = (active_source(&running), peer_source(&running));
+        assert_eq!(peers().uids, [1]);
+        assert_eq!(active().max_outage, Duration::from_secs(60));
+        assert!(Arc::ptr_eq(&active().backend, &old));
+
+        running.store(Arc::new(Running::new(settings(2, "2m"), Arc::clone(&new))));
+        assert_eq!(peers().uids, [2]);
+        assert_eq!(active().max_outage, Duration::from_secs(120));
+        assert!(Arc::ptr_eq(&active().backend, &new));
+        assert_eq!(running.load().settings.socket.allowed_uids, [2]);
+        // One load, one value: a reader holding it keeps the old one whole.
+        let held = running.load_full();
+        running.store(Arc::new(Running::new(settings(3, "3m"), old)));
+        assert_eq!(
+            (held.peers.uids.as_slice(), held.active.max_outage),
+            (&[2][..], Duration::from_secs(120))
+        );
+    }
 }

@@ -684,6 +684,52 @@ mod tests {
     }
 
     #[test]
+    fn vault_and_kmip_read_the_same_tls_settings() {
+        let tls = "ca_file = \"/ca.pem\"\nclient_cert_file = \"/c.pem\"\nclient_key_file = \"/c.key\"\ntls_server_name = \"kms.example\"\n";
+        let vault = format!(
+            "[backend]\ntype = \"vault\"\naddress = \"https://v:8200\"\nkey = \"k\"\n{tls}[backend.auth]\nmethod = \"token\"\ntoken_file = \"/t\"\n"
+        );
+        let kmip = format!("[backend]\ntype = \"kmip\"\naddress = \"kms:5696\"\nkey_name = \"k\"\n{tls}");
+        let vault = match Settings::from_toml(&vault).unwrap().backend {
+            BackendSettings::Vault(v) => v,
+            _ => panic!("vault backend expected"),
+        };
+        let kmip = match Settings::from_toml(&kmip).unwrap().backend {
+            BackendSettings::Kmip(k) => k,
+            _ => panic!("kmip backend expected"),
+        };
+        let expected = crate::backend::tls::TlsSettings {
+            ca_file: Some("/ca.pem".into()),
+            client_cert_file: Some("/c.pem".into()),
+            client_key_file: Some("/c.key".into()),
+            server_name: Some("kms.example".into()),
+        };
+        assert_eq!(vault.tls(), expected);
+        assert_eq!(kmip.tls(), expected);
+        // Reload watches the TLS files of both, in the same order, before their own files.
+        let tls_files: Vec<PathBuf> = ["/ca.pem", "/c.pem", "/c.key"].map(PathBuf::from).into();
+        assert_eq!(vault.files()[..3], tls_files[..]);
+        assert_eq!(kmip.files(), tls_files);
+    }
+
+    #[test]
+    fn tls_fields_of_network_backends_still_refuse_unknown_fields() {
+        let cases = [
+            "[backend]\ntype = \"vault\"\naddress = \"https://v:8200\"\nkey = \"k\"\nca_fil = \"/ca.pem\"\n[backend.auth]\nmethod = \"token\"\ntoken_file = \"/t\"\n",
+            "[backend]\ntype = \"kmip\"\naddress = \"kms:5696\"\nkey_name = \"k\"\nclient_cert_file = \"/c.pem\"\nclient_key_file = \"/c.key\"\nca_fil = \"/ca.pem\"\n",
+            // The shared type's own name for the server name is not a setting.
+            "[backend]\ntype = \"kmip\"\naddress = \"kms:5696\"\nkey_name = \"k\"\nclient_cert_file = \"/c.pem\"\nclient_key_file = \"/c.key\"\nserver_name = \"x\"\n",
+        ];
+        for text in cases {
+            let e = Settings::from_toml(text)
+                .err()
+                .unwrap_or_else(|| panic!("accepted {text}"))
+                .to_string();
+            assert!(e.contains("unknown field"), "{e}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let cases = [
             (format!("{MIN}typo = 1\n"), "typo"),

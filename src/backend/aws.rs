@@ -9,8 +9,7 @@
 //! Calls have an overall and a per-attempt timeout well under the apiserver's 3 s, and the SDK's
 //! standard retry mode (with its retry-quota token bucket) as the retry budget.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::{Mutex, PoisonError};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,6 +22,7 @@ use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::KeyState;
 use zeroize::Zeroizing;
 
+use super::registry::{Entry, KeyRegistry};
 use super::{Backend, BackendError, ErrorKind, Wrapped};
 use crate::secret::Kek;
 
@@ -78,8 +78,9 @@ pub struct AwsBackend {
     client: Client,
     key: String,
     context: BTreeMap<String, String>,
-    current: Mutex<Option<String>>,
-    known: Mutex<HashSet<String>>,
+    /// Key ARNs: the configured decrypt-only ones and every one the key resolved to. An ARN is
+    /// its own key_id and locator.
+    keys: KeyRegistry<()>,
 }
 
 fn classify<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> ErrorKind {
@@ -185,12 +186,15 @@ impl AwsBackend {
         }
         let mut context = opts.encryption_context.clone();
         context.insert("kms-plugin".into(), "local-kek".into());
+        let keys = KeyRegistry::new();
+        for arn in &opts.decrypt_only_keys {
+            keys.insert(arn.clone(), Entry::new(arn.clone(), ()));
+        }
         let backend = Self {
             client: Client::new(&shared),
             key: opts.key.clone(),
             context,
-            current: Mutex::new(None),
-            known: Mutex::new(opts.decrypt_only_keys.iter().cloned().collect()),
+            keys,
         };
         match backend.resolve().await {
             Ok(_) => {}
@@ -241,11 +245,7 @@ impl AwsBackend {
         let arn = meta
             .arn
             .ok_or_else(|| BackendError::new(ErrorKind::Transient, "aws DescribeKey: no ARN"))?;
-        self.known
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(arn.clone());
-        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(arn.clone());
+        self.keys.make_current(arn.clone(), Entry::new(arn.clone(), ()));
         Ok(arn)
     }
 }
@@ -261,37 +261,30 @@ impl Backend for AwsBackend {
     }
 
     fn knows(&self, key_id: &str) -> bool {
-        self.known
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(key_id)
+        self.keys.knows(key_id)
     }
 
     fn decrypt_only(&self) -> Vec<(String, String)> {
-        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut out: Vec<(String, String)> = known
-            .iter()
-            .filter(|arn| Some(*arn) != current.as_ref())
-            .map(|arn| (arn.clone(), arn.clone()))
-            .collect();
-        out.sort();
-        out
+        // Sorted by ARN, which is both the key_id and the locator.
+        self.keys
+            .decrypt_only()
+            .into_iter()
+            .map(|(arn, entry)| (arn, entry.locator))
+            .collect()
     }
 
     fn remembered(&self) -> Vec<(String, String)> {
-        let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
-        known.iter().map(|arn| (arn.clone(), arn.clone())).collect()
+        self.keys.remembered()
     }
 
     fn remember(&self, keys: Vec<(String, String)>) {
-        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
-        known.extend(keys.into_iter().map(|(arn, _)| arn));
+        // An ARN is its own locator, whatever the other backend called it.
+        let arns = keys.into_iter().map(|(arn, _)| (arn.clone(), arn)).collect();
+        self.keys.remember(arns, || ());
     }
 
     async fn wrap(&self, kek: &Kek) -> Result<Wrapped, BackendError> {
-        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let arn = match current {
+        let arn = match self.keys.current() {
             Some(arn) => arn,
             None => self.resolve().await?,
         };

@@ -8,7 +8,8 @@
 //! beside `type`), that type's `files()` (for reload's change detection) and `build()` (its
 //! constructor). Adding a backend is that module, `pub mod` here, and one line in the
 //! `backends!` list in `settings.rs`, which derives the enum, the `type` names, parsing,
-//! `files()` and `build()` from it.
+//! `files()` and `build()` from it. A backend whose keys change at run time (a probe finds a
+//! new current key, a reload hands over learned ones) keeps them in a `registry::KeyRegistry`.
 
 pub mod aws;
 pub mod delay;
@@ -18,6 +19,7 @@ pub mod kmip;
 pub mod local;
 pub mod pkcs11;
 pub mod refused;
+pub mod registry;
 pub mod tls;
 pub mod vault;
 

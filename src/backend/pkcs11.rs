@@ -14,7 +14,6 @@
 //! re-login) and the call retried once. A rejected PIN is never tried again: tokens lock after a
 //! few failures, so the backend fails every later call until the plugin is restarted.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -34,6 +33,7 @@ use serde::Deserialize;
 use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
+use super::registry::{Entry, KeyRegistry};
 use super::{Backend, BackendError, ErrorKind, Wrapped};
 use crate::secret::{KEY_LEN, Kek};
 
@@ -157,10 +157,9 @@ pub struct Pkcs11Backend {
     token: Arc<Token>,
     permits: Arc<Semaphore>,
     current_label: String,
-    /// key_id → key, for the current and decrypt-only labels. The current key_id can change
-    /// when a probe finds another key under the current label.
-    keys: Mutex<HashMap<String, Arc<RootKey>>>,
-    current: Mutex<String>,
+    /// key_id → key (located by label), for the current and decrypt-only labels. The current
+    /// key_id can change when a probe finds another key under the current label.
+    keys: KeyRegistry<Arc<RootKey>>,
     rng: SystemRandom,
 }
 
@@ -376,7 +375,7 @@ impl Pkcs11Backend {
                 message,
                 pin_rejected: false,
             })
-            .and_then(|(token, keys, current)| {
+            .and_then(|(token, keys)| {
                 if token.pin_rejected.load(Ordering::Relaxed) {
                     return Err(OpenError {
                         message: "the token rejected the PIN".into(),
@@ -387,15 +386,13 @@ impl Pkcs11Backend {
                     token,
                     permits: Arc::new(Semaphore::new(opts.sessions.max(1))),
                     current_label: opts.current_key_label.clone(),
-                    keys: Mutex::new(keys),
-                    current: Mutex::new(current),
+                    keys,
                     rng: SystemRandom::new(),
                 })
             })
     }
 
-    #[allow(clippy::type_complexity)]
-    fn open_inner(opts: &Pkcs11Settings) -> Result<(Arc<Token>, HashMap<String, Arc<RootKey>>, String), String> {
+    fn open_inner(opts: &Pkcs11Settings) -> Result<(Arc<Token>, KeyRegistry<Arc<RootKey>>), String> {
         let pin = read_pin(&opts.pin_source()?)?;
         let ctx =
             Pkcs11::new(&opts.module).map_err(|e| format!("loading PKCS#11 module {}: {e}", opts.module.display()))?;
@@ -428,35 +425,31 @@ impl Pkcs11Backend {
             login: Mutex::new(()),
             idle: Mutex::new(Vec::new()),
         });
-        let mut keys = HashMap::new();
-        let mut current = String::new();
+        let keys = KeyRegistry::new();
         let labels = std::iter::once(&opts.current_key_label).chain(&opts.decrypt_only_key_labels);
         for (i, label) in labels.enumerate() {
             let key = Arc::new(RootKey::new(label));
             let id = match token.key_id(&key) {
                 Ok(id) => id,
                 // Reported by `open` without a second attempt.
-                Err(_) if token.pin_rejected.load(Ordering::Relaxed) => return Ok((token, keys, current)),
+                Err(_) if token.pin_rejected.load(Ordering::Relaxed) => return Ok((token, keys)),
                 Err(e) => return Err(format!("key {label:?}: {}", e.detail)),
             };
+            let entry = Entry::new(label.clone(), key);
+            // The first label is the current key, so nothing is known before it.
             if i == 0 {
-                current = id.clone();
-            }
-            if keys.insert(id, key).is_some() {
+                keys.make_current(id, entry);
+            } else if !keys.insert_new(id, entry) {
                 return Err(format!(
                     "key label {label:?} names the same key as another configured label"
                 ));
             }
         }
-        Ok((token, keys, current))
+        Ok((token, keys))
     }
 
     fn key(&self, key_id: &str) -> Option<Arc<RootKey>> {
-        self.keys
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(key_id)
-            .cloned()
+        self.keys.get(key_id).map(|entry| entry.value)
     }
 
     /// Runs a blocking token operation on the blocking pool, bounded by the session count.
@@ -493,42 +486,33 @@ impl Backend for Pkcs11Backend {
         let key = Arc::new(RootKey::new(&self.current_label));
         let probe_key = Arc::clone(&key);
         let id = self.blocking(move |t| t.key_id(&probe_key)).await?;
-        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        if *current != id {
-            // The label now names another key: that is a root-key rotation.
-            self.keys
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .entry(id.clone())
-                .or_insert(key);
-            *current = id.clone();
-        }
+        // Another key_id under the label is a root-key rotation; the same one keeps its entry
+        // (and the session handle found for it).
+        self.keys
+            .make_current(id.clone(), Entry::new(self.current_label.clone(), key));
         Ok(id)
     }
 
     fn knows(&self, key_id: &str) -> bool {
-        self.keys
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains_key(key_id)
+        self.keys.knows(key_id)
     }
 
     fn decrypt_only(&self) -> Vec<(String, String)> {
-        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut out: Vec<(String, String)> = keys
-            .iter()
-            .filter(|(id, _)| **id != current)
-            .map(|(id, k)| (id.clone(), format!("label {:?}", k.label)))
+        let mut out: Vec<(String, String)> = self
+            .keys
+            .decrypt_only()
+            .into_iter()
+            .map(|(id, k)| (id, format!("label {:?}", k.locator)))
             .collect();
         out.sort_by(|a, b| a.1.cmp(&b.1));
         out
     }
 
     async fn wrap(&self, kek: &Kek) -> Result<Wrapped, BackendError> {
-        let key_id = self.current.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let key = self
-            .key(&key_id)
+        let (key_id, key) = self
+            .keys
+            .current_entry()
+            .map(|(id, entry)| (id, entry.value))
             .ok_or_else(|| BackendError::new(ErrorKind::KeyUnusable, "pkcs11: current key unknown"))?;
         let mut iv = [0u8; IV_LEN];
         self.rng

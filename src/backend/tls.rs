@@ -3,14 +3,58 @@
 //! client certificate whose key file gets the same checks as any secret file. PEM files are
 //! read whole, within the cap on every file the configuration names.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+/// The TLS settings of a network backend (Vault, KMIP). In the configuration they are fields
+/// of `[backend]` itself (`ca_file`, `client_cert_file`, `client_key_file`, `tls_server_name`),
+/// declared by each backend's settings type so that `deny_unknown_fields` keeps refusing a
+/// typo (serde's `flatten` would accept it); each type's `tls()` gathers them here, where what
+/// they mean is decided once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// CA bundle that signed the server's certificate; else the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key, for mutual TLS (both or neither).
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    /// Name to verify the server's certificate against, when the address does not carry it.
+    pub server_name: Option<String>,
+}
+
+impl TlsSettings {
+    /// The files named, in the order above (for a reload's change detection).
+    pub fn files(&self) -> Vec<PathBuf> {
+        [&self.ca_file, &self.client_cert_file, &self.client_key_file]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    /// The rustls client configuration; errors name the setting at fault.
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, String> {
+        client_config(
+            self.ca_file.as_deref(),
+            self.client_cert_file.as_deref(),
+            self.client_key_file.as_deref(),
+        )
+    }
+
+    /// `tls_server_name` as a name to verify, if set; an error names the setting.
+    pub fn server_name(&self) -> Result<Option<ServerName<'static>>, String> {
+        self.server_name
+            .as_ref()
+            .map(|name| ServerName::try_from(name.clone()).map_err(|e| format!("tls_server_name {name:?}: {e}")))
+            .transpose()
+    }
+}
 
 /// A client configuration; errors name the setting at fault.
-pub fn client_config(
+fn client_config(
     ca_file: Option<&Path>,
     client_cert_file: Option<&Path>,
     client_key_file: Option<&Path>,

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwapOption;
 use ring::rand::SystemRandom;
 use tokio::sync::Notify;
 use tracing::{info, warn};
@@ -81,9 +81,14 @@ pub struct Active {
     pub max_outage: Duration,
 }
 
+/// Where [`Keys`] reads the [`Active`] in force, on every call. The serving process keeps it
+/// inside the one value a reload swaps whole (`reload::Running`), so the hierarchy, the peer
+/// lists and the log level change together; [`Keys::new`] keeps its own, fixed.
+pub type ActiveSource = Box<dyn Fn() -> Arc<Active> + Send + Sync>;
+
 /// The plugin's keys: the current local KEK, the cache of unwrapped KEKs, and the backend.
 pub struct Keys {
-    active: ArcSwap<Active>,
+    active: ActiveSource,
     current: ArcSwapOption<CurrentKek>,
     cache: Arc<KekCache>,
     rng: SystemRandom,
@@ -121,18 +126,26 @@ fn is_outage(e: &BackendError) -> bool {
 }
 
 impl Keys {
+    /// Keys over a fixed backend (tools, tests, benchmarks): nothing can replace it.
     pub fn new(
         backend: Arc<dyn Backend>,
         policy: RotationPolicy,
         cache_capacity: NonZeroUsize,
         max_outage: Duration,
     ) -> Arc<Self> {
+        let active = Arc::new(Active {
+            backend,
+            policy,
+            max_outage,
+        });
+        Self::with_source(Box::new(move || Arc::clone(&active)), cache_capacity)
+    }
+
+    /// Keys reading the backend and policies in force from `active`, which a reload changes
+    /// through [`Keys::replace`].
+    pub fn with_source(active: ActiveSource, cache_capacity: NonZeroUsize) -> Arc<Self> {
         Arc::new(Self {
-            active: ArcSwap::from_pointee(Active {
-                backend,
-                policy,
-                max_outage,
-            }),
+            active,
             current: ArcSwapOption::empty(),
             cache: KekCache::new(cache_capacity),
             rng: SystemRandom::new(),
@@ -146,18 +159,19 @@ impl Keys {
 
     /// The backend and policies in force.
     pub fn active(&self) -> Arc<Active> {
-        self.active.load_full()
+        (self.active)()
     }
 
-    /// Puts a reloaded configuration in force, atomically: calls already running finish on the
-    /// old one. `first` is a KEK the caller made and checked under the new backend: when the
-    /// root key changed it becomes current at once, so nothing is sealed under a root key the
-    /// new configuration may no longer know. Cached KEKs of root keys the new backend does not
-    /// know are purged (and wiped when their last holder drops them). Returns how many.
-    pub async fn replace(&self, active: Active, first: (Kek, Wrapped)) -> usize {
+    /// Puts a reloaded configuration in force: `swap` replaces, in one step, the value the
+    /// [`ActiveSource`] reads, while no rotation runs; calls already running finish on the old
+    /// one. `first` is a KEK the caller made and checked under the new backend: when the root
+    /// key changed it becomes current at once, so nothing is sealed under a root key the new
+    /// configuration may no longer know. Cached KEKs of root keys the new backend does not know
+    /// are purged (and wiped when their last holder drops them). Returns how many.
+    pub async fn replace(&self, swap: impl FnOnce(), first: (Kek, Wrapped)) -> usize {
         let _guard = self.rotating.lock().await;
-        let backend = Arc::clone(&active.backend);
-        self.active.store(Arc::new(active));
+        swap();
+        let backend = self.backend();
         let purged = self.cache.retain_keys(|key_id| backend.knows(key_id));
         {
             // The new backend has just answered a probe, a wrap and an unwrap.
@@ -429,7 +443,7 @@ impl Keys {
         let kek = Kek::generate(&self.rng).map_err(|_| Error::Internal("random number generator failed"))?;
         let active = self.active();
         let backend = &*active.backend;
-        let stale = || !Arc::ptr_eq(&active, &self.active.load());
+        let stale = || !Arc::ptr_eq(&active, &self.active());
         let wrapped = match backend_call(backend, &self.metrics, "wrap", None, backend.wrap(&kek)).await {
             Ok(w) => w,
             // A backend a reload has since replaced says nothing about the one in force.
@@ -526,7 +540,7 @@ impl Keys {
         let active = self.active();
         let backend = &*active.backend;
         // A pass that began before a reload must not judge the backend now in force.
-        let stale = || !Arc::ptr_eq(&active, &self.active.load());
+        let stale = || !Arc::ptr_eq(&active, &self.active());
         let root = match backend_call(backend, &self.metrics, "probe", None, backend.probe()).await {
             Ok(root) => root,
             Err(e) => {

@@ -61,6 +61,10 @@ pub struct PeerPolicy {
     pub gids: Vec<u32>,
 }
 
+/// Where the server reads the [`PeerPolicy`] in force, at every accepted connection: a
+/// configuration reload replaces it with the rest of what the process runs with.
+pub type PeerSource = Box<dyn Fn() -> Arc<PeerPolicy> + Send + Sync>;
+
 impl PeerPolicy {
     fn allows(&self, stream: &tokio::net::UnixStream) -> bool {
         if self.uids.is_empty() && self.gids.is_empty() {
@@ -86,8 +90,7 @@ impl PeerPolicy {
 /// and an accept error (EMFILE …) pauses accepting for a moment instead of spinning.
 struct Incoming {
     listener: tokio::net::UnixListener,
-    /// Swapped whole by a configuration reload.
-    peers: Arc<arc_swap::ArcSwap<PeerPolicy>>,
+    peers: PeerSource,
     connections: Arc<Connections>,
     backoff: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -104,7 +107,7 @@ impl Stream for Incoming {
             // Bounded descriptors: no accept while too many connections are still alive.
             ready!(self.connections.poll_room(cx));
             match ready!(self.listener.poll_accept(cx)) {
-                Ok((stream, _)) if self.peers.load().allows(&stream) => {
+                Ok((stream, _)) if (self.peers)().allows(&stream) => {
                     if let Some(tracked) = self.connections.admit(stream) {
                         let uid = tracked.uid();
                         let refusals = self.connections.http2_refusals();
@@ -126,13 +129,31 @@ impl Stream for Incoming {
 pub async fn serve(
     listener: tokio::net::UnixListener,
     service: KmsService,
-    peers: Arc<arc_swap::ArcSwap<PeerPolicy>>,
+    peers: PeerSource,
     connections: Arc<Connections>,
     grace: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let edge = edge::EdgeLayer::new(service.call_counter(), MAX_REQUEST_BYTES);
+    // The edge, outermost first; each layer is one file in edge/.
+    // 1. open calls: a call over the limits is refused before anything else is spent on it
+    //    (counted and logged there, so not again by 2);
+    // 2. refusals: counts and logs what the layers below and tonic refuse before a handler runs;
+    // 3. size limit: tonic's OutOfRange for an oversized request becomes ResourceExhausted, below
+    //    2, so the refusal is counted under the code the caller gets;
+    // 4. in progress: from a complete request to a ready response, the call protects its
+    //    connection from eviction;
+    // 5. body deadline: innermost, on the body the handler reads; its refusals reach 2.
+    let log_budget = Arc::new(edge::LogBudget::default());
+    let edge = tower::ServiceBuilder::new()
+        .layer(edge::OpenCallsLayer::new(
+            service.call_counter(),
+            Arc::clone(&log_budget),
+        ))
+        .layer(edge::RefusalsLayer::new(service.call_counter(), log_budget))
+        .layer(edge::SizeLimitLayer::new(MAX_REQUEST_BYTES))
+        .layer(edge::InProgressLayer)
+        .layer(edge::BodyDeadlineLayer::default());
     let grpc = KeyManagementServiceServer::new(service)
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_REQUEST_BYTES);

@@ -33,7 +33,6 @@
 mod answer;
 pub mod ttlv;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -48,6 +47,8 @@ use tokio::sync::Semaphore;
 use tokio_rustls::client::TlsStream;
 use zeroize::Zeroizing;
 
+use super::registry::{Entry, KeyRegistry};
+use super::tls::TlsSettings;
 use super::{Backend, BackendError, ErrorKind, Wrapped};
 use crate::secret::{KEY_LEN, Kek};
 use ttlv::{Item, Value, tag};
@@ -85,12 +86,11 @@ const STATE_NAMES: [&str; 7] = [
 pub struct KmipSettings {
     /// `host:port` (port 5696 if omitted).
     pub address: String,
-    /// CA bundle that signed the server's certificate; else the system's roots.
+    /// TLS: see [`TlsSettings`] (read through [`KmipSettings::tls`]). The client certificate
+    /// and key are required: KMIP requires mutual TLS.
     pub ca_file: Option<PathBuf>,
-    /// The client certificate and key the server authenticates (KMIP requires mutual TLS).
     pub client_cert_file: PathBuf,
     pub client_key_file: PathBuf,
-    /// Name to verify the server's certificate against, when the address does not carry it.
     pub tls_server_name: Option<String>,
     /// Optional username/password credential; the password is read from this file.
     pub username: Option<String>,
@@ -127,16 +127,21 @@ impl KmipSettings {
 
     /// Every file these settings name (for change detection by a reload).
     pub fn files(&self) -> Vec<PathBuf> {
-        [
-            self.ca_file.as_ref(),
-            Some(&self.client_cert_file),
-            Some(&self.client_key_file),
-            self.password_file.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect()
+        self.tls()
+            .files()
+            .into_iter()
+            .chain(self.password_file.clone())
+            .collect()
+    }
+
+    /// The TLS fields, as the type every network backend shares.
+    pub fn tls(&self) -> TlsSettings {
+        TlsSettings {
+            ca_file: self.ca_file.clone(),
+            client_cert_file: Some(self.client_cert_file.clone()),
+            client_key_file: Some(self.client_key_file.clone()),
+            server_name: self.tls_server_name.clone(),
+        }
     }
 }
 
@@ -144,14 +149,6 @@ impl KmipSettings {
 enum CurrentRef {
     Name(String),
     Uid(String),
-}
-
-/// A key this process has resolved.
-#[derive(Clone)]
-struct Known {
-    uid: String,
-    /// Why it must not be used, if the probe saw it Compromised or Destroyed.
-    unusable: Option<String>,
 }
 
 /// A KMIP key manager.
@@ -166,9 +163,9 @@ pub struct KmipBackend {
     idle: Mutex<Vec<TlsStream<TcpStream>>>,
     slots: Semaphore,
     timeout: Duration,
-    /// key_id → key, for every key resolved so far.
-    known: Mutex<HashMap<String, Known>>,
-    current: Mutex<Option<(String, String)>>,
+    /// key_id → Unique Identifier, for every key resolved so far, with why it must not be used
+    /// if the probe saw it Compromised or Destroyed.
+    keys: KeyRegistry<Option<String>>,
     rng: SystemRandom,
 }
 
@@ -182,14 +179,14 @@ impl KmipBackend {
             ),
             _ => (s.address.trim_matches(['[', ']']).to_string(), 5696),
         };
-        let name = s.tls_server_name.clone().unwrap_or_else(|| host.clone());
-        let server_name = rustls::pki_types::ServerName::try_from(name.clone())
-            .map_err(|e| format!("tls_server_name {name:?}: {e}"))?;
-        let tls = super::tls::client_config(
-            s.ca_file.as_deref(),
-            Some(&s.client_cert_file),
-            Some(&s.client_key_file),
-        )?;
+        let tls_settings = s.tls();
+        let server_name = match tls_settings.server_name()? {
+            Some(name) => name,
+            // The host of the address: an error here names it as the setting at fault.
+            None => rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| format!("tls_server_name {host:?}: {e}"))?,
+        };
+        let tls = tls_settings.client_config()?;
         let credential = match (&s.username, &s.password_file) {
             (Some(user), Some(file)) => {
                 let policy = crate::secret_file::Policy {
@@ -222,14 +219,9 @@ impl KmipBackend {
             idle: Mutex::new(Vec::new()),
             slots: Semaphore::new(s.pool_size.max(1)),
             timeout: s.call_timeout,
-            known: Mutex::new(HashMap::new()),
-            current: Mutex::new(None),
+            keys: KeyRegistry::new(),
             rng: SystemRandom::new(),
         })
-    }
-
-    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<String, Known>> {
-        self.known.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     async fn connect(&self) -> Result<TlsStream<TcpStream>, BackendError> {
@@ -434,12 +426,7 @@ impl KmipBackend {
         }
         // No Active key under the name is authoritative only once the last current key itself
         // is gone or not Active; until then the empty answer is a fault of the server's.
-        let last = self
-            .current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .map(|(_, uid)| uid.clone());
+        let last = self.keys.current_entry().map(|(_, key)| key.locator);
         let Some(last) = last else {
             return Err(BackendError::new(
                 ErrorKind::Transient,
@@ -577,21 +564,12 @@ impl Backend for KmipBackend {
             ));
         }
         let key_id = Self::key_id_of(&uid, initial);
-        self.known().insert(
-            key_id.clone(),
-            Known {
-                uid: uid.clone(),
-                unusable: None,
-            },
-        );
-        let previous = self
-            .current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .replace((key_id.clone(), uid.clone()));
+        // An Active key is usable, whatever an earlier probe saw.
+        self.keys.insert(key_id.clone(), Entry::new(uid.clone(), None));
+        let previous = self.keys.make_current(key_id.clone(), Entry::new(uid.clone(), None));
         // The UIDs are what the operator writes in decrypt_only_keys (identifiers, not secrets).
-        match previous {
-            Some((_, old)) if old != uid => tracing::info!(
+        match previous.map(|(_, key)| key.locator) {
+            Some(old) if old != uid => tracing::info!(
                 old_uid = %old,
                 new_uid = %uid,
                 "kmip: the current key name now locates another key; add old_uid to decrypt_only_keys, or a restarted plugin cannot decrypt what was written under it"
@@ -604,13 +582,8 @@ impl Backend for KmipBackend {
             match self.state(old).await {
                 Ok((state, initial)) => {
                     let unusable = (state >= 4).then(|| format!("kmip: key {old:?} is {}", state_name(state)));
-                    self.known().insert(
-                        Self::key_id_of(old, initial),
-                        Known {
-                            uid: old.clone(),
-                            unusable,
-                        },
-                    );
+                    self.keys
+                        .insert(Self::key_id_of(old, initial), Entry::new(old.clone(), unusable));
                 }
                 Err(e) => tracing::warn!(key = %old, error = %e, "kmip: could not check a decrypt-only key"),
             }
@@ -619,25 +592,20 @@ impl Backend for KmipBackend {
     }
 
     fn knows(&self, key_id: &str) -> bool {
-        self.known().contains_key(key_id)
+        self.keys.knows(key_id)
     }
 
     fn decrypt_only(&self) -> Vec<(String, String)> {
-        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let known = self.known();
+        let others = self.keys.decrypt_only();
         // Every configured decrypt-only UID, resolved or not, and any key the name moved from.
         let mut out: Vec<(String, String)> = self
             .decrypt_only
             .iter()
-            .map(|uid| {
-                let id = known.iter().find(|(_, k)| k.uid == *uid).map(|(id, _)| id.clone());
-                (id.unwrap_or_default(), format!("uid {uid:?}"))
-            })
+            .map(|uid| (self.keys.find(uid).unwrap_or_default(), format!("uid {uid:?}")))
             .collect();
-        for (id, k) in known.iter() {
-            let is_current = current.as_ref().is_some_and(|(cur, _)| cur == id);
-            if !is_current && !self.decrypt_only.contains(&k.uid) {
-                out.push((id.clone(), format!("uid {:?}", k.uid)));
+        for (id, k) in &others {
+            if !self.decrypt_only.contains(&k.locator) {
+                out.push((id.clone(), format!("uid {:?}", k.locator)));
             }
         }
         out.sort_by(|a, b| a.1.cmp(&b.1));
@@ -645,29 +613,24 @@ impl Backend for KmipBackend {
     }
 
     fn refuses(&self, key_id: &str) -> Option<BackendError> {
-        let known = self.known();
-        let why = known.get(key_id)?.unusable.as_ref()?;
-        Some(BackendError::new(ErrorKind::KeyUnusable, why.clone()))
+        let why = self.keys.get(key_id)?.value?;
+        Some(BackendError::new(ErrorKind::KeyUnusable, why))
     }
 
     fn remembered(&self) -> Vec<(String, String)> {
-        self.known().iter().map(|(id, k)| (id.clone(), k.uid.clone())).collect()
+        self.keys.remembered()
     }
 
     fn remember(&self, keys: Vec<(String, String)>) {
-        let mut known = self.known();
-        for (key_id, uid) in keys {
-            known.entry(key_id).or_insert(Known { uid, unusable: None });
-        }
+        self.keys.remember(keys, || None);
     }
 
     async fn wrap(&self, kek: &Kek) -> Result<Wrapped, BackendError> {
-        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let (key_id, uid) = match current {
-            Some(c) => c,
+        let (key_id, uid) = match self.keys.current_entry() {
+            Some((key_id, key)) => (key_id, key.locator),
             None => {
                 let key_id = self.probe().await?;
-                let uid = self.known().get(&key_id).map(|k| k.uid.clone()).unwrap_or_default();
+                let uid = self.keys.get(&key_id).map(|k| k.locator).unwrap_or_default();
                 (key_id, uid)
             }
         };
@@ -692,9 +655,9 @@ impl Backend for KmipBackend {
 
     async fn unwrap(&self, key_id: &str, blob: &[u8]) -> Result<Kek, BackendError> {
         let uid = self
-            .known()
+            .keys
             .get(key_id)
-            .map(|k| k.uid.clone())
+            .map(|k| k.locator)
             .ok_or_else(|| BackendError::new(ErrorKind::UnknownKey, "kmip: key_id names no known key"))?;
         if blob.len() != 1 + IV_LEN + TAG_LEN + KEY_LEN || blob[0] != BLOB_VERSION {
             return Err(BackendError::new(

@@ -5,7 +5,6 @@
 //! Plain `http://` is accepted only for a loopback address (a local Vault Agent, a dev server):
 //! anything else carries KEKs and tokens over the network and must be `https://`.
 
-use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,10 +14,9 @@ use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilde
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use rustls::pki_types::ServerName;
 use serde_json::Value;
 
-use crate::backend::tls::{error_chain, is_tls_refusal};
+use crate::backend::tls::{TlsSettings, error_chain, is_tls_refusal};
 use crate::backend::{BackendError, ErrorKind};
 
 /// Largest Vault response read.
@@ -27,10 +25,7 @@ const MAX_RESPONSE: usize = 1 << 20;
 /// TLS material and the server's address.
 pub struct Endpoint<'a> {
     pub address: &'a str,
-    pub ca_file: Option<&'a Path>,
-    pub client_cert_file: Option<&'a Path>,
-    pub client_key_file: Option<&'a Path>,
-    pub tls_server_name: Option<&'a str>,
+    pub tls: &'a TlsSettings,
     pub namespace: Option<&'a str>,
     pub timeout: Duration,
 }
@@ -115,14 +110,10 @@ impl Http {
                 ));
             }
         }
-        let tls = tls_config(endpoint)?;
+        let tls = endpoint.tls.client_config()?;
         let builder = HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
-        let builder = match endpoint.tls_server_name {
-            Some(name) => {
-                let name =
-                    ServerName::try_from(name.to_string()).map_err(|e| format!("tls_server_name {name:?}: {e}"))?;
-                builder.with_server_name_resolver(FixedServerNameResolver::new(name))
-            }
+        let builder = match endpoint.tls.server_name()? {
+            Some(name) => builder.with_server_name_resolver(FixedServerNameResolver::new(name)),
             None => builder,
         };
         let connector = builder.enable_http1().build();
@@ -224,8 +215,4 @@ pub fn kind_of(reply: &Reply) -> ErrorKind {
 fn is_loopback(host: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
-fn tls_config(endpoint: &Endpoint<'_>) -> Result<rustls::ClientConfig, String> {
-    crate::backend::tls::client_config(endpoint.ca_file, endpoint.client_cert_file, endpoint.client_key_file)
 }

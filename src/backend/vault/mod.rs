@@ -32,6 +32,7 @@ use zeroize::Zeroizing;
 
 pub use auth::AuthSettings;
 
+use super::tls::TlsSettings;
 use super::{Backend, BackendError, ErrorKind, Wrapped};
 use crate::secret::Kek;
 use auth::Auth;
@@ -51,12 +52,11 @@ const AEAD_TYPES: [&str; 4] = [
 pub struct VaultSettings {
     /// `https://vault.example:8200` (`http://` only to a loopback address).
     pub address: String,
-    /// CA bundle that signed the server's certificate; else the system's roots.
+    /// TLS: see [`TlsSettings`] (read through [`VaultSettings::tls`]). The client certificate
+    /// serves mutual TLS and the `cert` auth method.
     pub ca_file: Option<PathBuf>,
-    /// Client certificate and key, for mutual TLS and the `cert` auth method.
     pub client_cert_file: Option<PathBuf>,
     pub client_key_file: Option<PathBuf>,
-    /// Name to verify the server's certificate against, when the address does not carry it.
     pub tls_server_name: Option<String>,
     /// Vault Enterprise / OpenBao namespace.
     pub namespace: Option<String>,
@@ -84,12 +84,17 @@ impl VaultSettings {
 
     /// Every file these settings name (for change detection by a reload).
     pub fn files(&self) -> Vec<PathBuf> {
-        [&self.ca_file, &self.client_cert_file, &self.client_key_file]
-            .into_iter()
-            .flatten()
-            .cloned()
-            .chain(self.auth.files())
-            .collect()
+        self.tls().files().into_iter().chain(self.auth.files()).collect()
+    }
+
+    /// The TLS fields, as the type every network backend shares.
+    pub fn tls(&self) -> TlsSettings {
+        TlsSettings {
+            ca_file: self.ca_file.clone(),
+            client_cert_file: self.client_cert_file.clone(),
+            client_key_file: self.client_key_file.clone(),
+            server_name: self.tls_server_name.clone(),
+        }
     }
 }
 
@@ -165,10 +170,7 @@ impl VaultBackend {
     pub fn new(s: &VaultSettings) -> Result<Self, String> {
         let http = Http::new(&Endpoint {
             address: &s.address,
-            ca_file: s.ca_file.as_deref(),
-            client_cert_file: s.client_cert_file.as_deref(),
-            client_key_file: s.client_key_file.as_deref(),
-            tls_server_name: s.tls_server_name.as_deref(),
+            tls: &s.tls(),
             namespace: s.namespace.as_deref(),
             timeout: s.call_timeout,
         })?;
