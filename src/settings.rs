@@ -247,6 +247,7 @@ backends! {
     "aws" => Aws(crate::backend::aws::AwsSettings),
     "vault" => Vault(crate::backend::vault::VaultSettings),
     "kmip" => Kmip(crate::backend::kmip::KmipSettings),
+    #[cfg(feature = "azure")] "azure" => Azure(crate::backend::azure::AzureSettings),
 }
 
 /// Deserialises the `backend` table of `table` (errors carry the field's path).

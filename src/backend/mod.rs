@@ -11,6 +11,8 @@
 //! `files()` and `build()` from it.
 
 pub mod aws;
+#[cfg(feature = "azure")]
+pub mod azure;
 pub mod delay;
 pub mod kmip;
 pub mod local;
