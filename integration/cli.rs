@@ -144,7 +144,12 @@ fn every_example_config_parses() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
             let text = std::fs::read_to_string(&path).unwrap();
-            kms_plugin::settings::Settings::from_toml(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            match kms_plugin::settings::Settings::from_toml(&text) {
+                Ok(_) => {}
+                // A backend behind a cargo feature this test build was made without.
+                Err(e) if e.to_string().contains("is not in this build") => {}
+                Err(e) => panic!("{}: {e}", path.display()),
+            }
             seen.push(path.file_stem().unwrap().to_string_lossy().into_owned());
         }
     }

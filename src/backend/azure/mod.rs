@@ -191,6 +191,11 @@ impl AzureBackend {
             Some(port) => format!("https://{host}:{port}"),
             None => format!("https://{host}"),
         };
+        // The longest key_id (a 127-character name, a 64-character version) must fit the
+        // apiserver's limit.
+        if vault.len() + "/keys/".len() + 127 + 1 + 64 > crate::contract::MAX_KEY_ID {
+            return Err(format!("backend.vault_url: {:?} is too long for a key_id", s.vault_url));
+        }
         let algorithm = match s.algorithm.as_str() {
             "RSA-OAEP-256" => Algorithm::RsaOaep256,
             "A256KW" => Algorithm::A256Kw,
