@@ -2,7 +2,7 @@
 //! bounded, single-line message reach the log: never the raw answer (the SDK's `Debug` form
 //! carries it whole), never a token.
 
-use azure_core::error::{ErrorKind as AzKind, ErrorResponse};
+use azure_core::error::ErrorKind as AzKind;
 
 use crate::backend::{BackendError, ErrorKind};
 
@@ -10,13 +10,17 @@ use crate::backend::{BackendError, ErrorKind};
 /// used (disabled, expired, not yet valid): a verdict on the key, not on the caller.
 const KEY_STATE_CODES: [&str; 3] = ["KeyDisabled", "KeyExpired", "KeyNotYetValid"];
 
-/// An HTTP answer's status and Key Vault's codes, as far as they could be read.
+/// An HTTP answer's status and codes, as far as they could be read.
 pub struct Answer {
     pub status: u16,
-    /// `error.code` (`Forbidden`, `KeyNotFound`, `BadParameter` …).
+    /// `error.code` (`Forbidden`, `KeyNotFound`, `BadParameter` …), or Entra ID's `error`.
     pub code: String,
     /// `error.innererror.code` (`KeyDisabled`, `ForbiddenByRbac`, `AccessDenied` …).
     pub inner: String,
+    /// The body is the service's own error JSON (Key Vault's `{"error": {"code": …}}`, Entra
+    /// ID's `{"error": "invalid_client", …}`, a managed-identity endpoint's), not a proxy's page:
+    /// only such an answer is a verdict.
+    pub official: bool,
 }
 
 /// At most `max` characters of `text` on one line.
@@ -33,28 +37,26 @@ fn answer(e: &azure_core::Error) -> Option<Answer> {
     loop {
         if let Some(az) = current.downcast_ref::<azure_core::Error>()
             && let AzKind::HttpResponse {
-                status,
-                error_code,
-                raw_response,
+                status, raw_response, ..
             } = az.kind()
         {
-            let detail = raw_response
+            let body: serde_json::Value = raw_response
                 .as_ref()
-                .and_then(|raw| serde_json::from_slice::<ErrorResponse>(raw.body().as_ref()).ok())
-                .and_then(|r| r.error);
-            let code = detail
-                .as_ref()
-                .and_then(|d| d.code.clone())
-                .or_else(|| error_code.clone())
+                .and_then(|raw| serde_json::from_slice(raw.body().as_ref()).ok())
                 .unwrap_or_default();
-            let inner = detail
-                .and_then(|d| d.inner_error)
-                .and_then(|i| i.code)
-                .unwrap_or_default();
+            let error = &body["error"];
+            let (code, inner) = match error {
+                serde_json::Value::String(code) => (code.as_str(), ""),
+                _ => (
+                    error["code"].as_str().unwrap_or_default(),
+                    error["innererror"]["code"].as_str().unwrap_or_default(),
+                ),
+            };
             return Some(Answer {
                 status: u16::from(*status),
-                code: bounded(&code, 64),
-                inner: bounded(&inner, 64),
+                code: bounded(code, 64),
+                inner: bounded(inner, 64),
+                official: !code.is_empty() || body["statusCode"].is_number(),
             });
         }
         current = current.source()?;
@@ -90,10 +92,10 @@ fn is_network(e: &azure_core::Error) -> bool {
 pub fn classify(e: &azure_core::Error, what: &str) -> BackendError {
     let text = bounded(&crate::backend::tls::error_chain(e), 400);
     if is_credential(e) {
-        let kind = match answer(e).map(|a| a.status) {
+        let kind = match answer(e).map(|a| (a.status, a.official)) {
             // Entra ID refused the credential (a wrong or expired secret, an unknown app, a
             // certificate it does not know): the plugin's identity is refused.
-            Some(400 | 401 | 403) => ErrorKind::Denied,
+            Some((400 | 401 | 403, true)) => ErrorKind::Denied,
             Some(_) => ErrorKind::Transient,
             // No answer: unreachable endpoint, or nothing to authenticate with (a missing
             // token file or environment variable).
@@ -117,6 +119,8 @@ pub fn classify(e: &azure_core::Error, what: &str) -> BackendError {
         return BackendError::new(kind, format!("azure {what}: {text}"));
     };
     let kind = match (a.status, a.code.as_str(), a.inner.as_str()) {
+        // Not Key Vault's own error body (a proxy's or gateway's page): nothing about the key.
+        _ if !a.official => ErrorKind::Transient,
         (403, _, inner) if KEY_STATE_CODES.contains(&inner) => ErrorKind::KeyUnusable,
         // Key Vault's own 401 after the challenge: the token's identity or audience is refused.
         (401 | 403, _, _) => ErrorKind::Denied,
@@ -193,6 +197,12 @@ mod tests {
             "ClientSecretCredential authentication failed.",
         );
         assert_eq!(kind(refused, "get key"), ErrorKind::Denied);
+        let gateway = azure_core::Error::with_error(
+            AzKind::Credential,
+            http(StatusCode::Forbidden, "<html>blocked</html>"),
+            "ClientSecretCredential authentication failed.",
+        );
+        assert_eq!(kind(gateway, "get key"), ErrorKind::Transient);
         let unset = azure_core::Error::with_message(AzKind::Credential, "no token file specified");
         assert_eq!(kind(unset, "get key"), ErrorKind::Configuration);
     }
