@@ -155,3 +155,46 @@ async fn workload_identity_without_its_environment_is_named() {
     assert!(!ok, "{out}");
     assert!(out.contains("workload_identity") && out.contains("tenant"), "{out}");
 }
+
+/// Answers no vault gives (a proxy's HTML 403, an oversized body, an unwrapped KEK of the wrong
+/// length) are transient: a cold Decrypt is Unavailable, the cached KEKs stay and serve, Status
+/// stays healthy, and once the answers are right again the cold Decrypt succeeds.
+#[tokio::test]
+async fn hostile_answers_are_transient_never_verdicts() {
+    let dir = Dir::new();
+    let kv = KeyVault::start(&dir);
+    let config = kv.config(&dir, Auth::ClientSecret, "[probe]\ninterval = \"200ms\"");
+    let (cold_seed, cold) = cold_ciphertexts(&config, 1).await.remove(0);
+    let plugin = Plugin::start(&config).await;
+    let mut c = plugin.client().await;
+    let seed = rand_bytes(32);
+    let hot = encrypt(&mut c, &seed).await;
+
+    for mode in ["short-kek", "huge", "proxy-403"] {
+        kv.admin(&["hostile", mode]);
+        let err = decrypt(&mut c, &cold).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{mode}: {err:?}");
+        let probes = plugin.backend_calls("probe").await;
+        eventually("two more probes", || async {
+            plugin.backend_calls("probe").await >= probes + 2
+        })
+        .await;
+        assert_eq!(status(&mut c).await.healthz, "ok", "{mode}");
+        assert_eq!(
+            decrypt(&mut c, &hot).await.unwrap(),
+            seed,
+            "{mode}: the cached KEK serves"
+        );
+        assert!(
+            plugin.metric("kms_plugin_kek_cache_size ").await >= 1.0,
+            "{mode}: nothing purged"
+        );
+    }
+    kv.admin(&["hostile", "off"]);
+    let opened = eventually_some("the cold Decrypt to succeed", || async {
+        decrypt(&mut c.clone(), &cold).await.ok()
+    })
+    .await;
+    assert_eq!(opened, cold_seed);
+    plugin.stop().await;
+}

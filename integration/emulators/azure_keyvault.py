@@ -23,6 +23,7 @@ keys, and the admin subcommands change it from the outside:
   azure_keyvault.py serve --dir D --port P
   azure_keyvault.py admin --dir D rotate|disable [VERSION]|enable [VERSION]|deny|allow|counters
   azure_keyvault.py admin --dir D unwrap KID B64URL   (the administrator's unwrap, for tests)
+  azure_keyvault.py admin --dir D hostile short-kek|huge|proxy-403|off   (answers no vault gives)
 """
 
 import argparse
@@ -229,12 +230,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send(500, {"error": {"code": "InternalError", "message": repr(e)}})
 
     def send(self, status, body, headers=None):
-        raw = json.dumps(body).encode() if body is not None else b""
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else b""
         self.send_response(status)
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         if raw:
-            self.send_header("Content-Type", "application/json; charset=utf-8")
+            kind = "text/html" if isinstance(body, bytes) else "application/json; charset=utf-8"
+            self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(raw)))
         self.end_headers()
         self.wfile.write(raw)
@@ -345,6 +347,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise kv_error(400, "BadParameter", "The 'api-version' query parameter is missing.")
         if not parts:
             raise kv_error(404, "NotFound", "no such route")
+        hostile = data.get("hostile")
+        if hostile == "proxy-403":
+            raise Reply(403, b"<html><body>403 Forbidden (a proxy's page)</body></html>")
+        if hostile == "huge":
+            raise Reply(200, {"kid": "x", "value": "AAAA", "padding": "x" * 100_000})
         name, rest = parts[0], parts[1:]
         op = "get"
         if rest and rest[-1] in ("wrapkey", "unwrapkey"):
@@ -404,6 +411,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     result = aes_key_unwrap(k, value)
                 except (InvalidUnwrap, ValueError):
                     raise kv_error(400, "BadParameter", "Error occurred while unwrapping the data.")
+        if hostile == "short-kek" and op == "unwrapkey":
+            result = result[:16]
         raise Reply(200, {"kid": kid, "value": b64u(result)})
 
     def bundle(self, data, kid, v):
@@ -451,6 +460,8 @@ def admin(d, args):
             v["updated"] = int(time.time())
         elif cmd in ("deny", "allow"):
             data["denied"] = cmd == "deny"
+        elif cmd == "hostile":
+            data["hostile"] = None if args[1] == "off" else args[1]
         elif cmd == "counters":
             print(json.dumps(data["counters"]))
         elif cmd == "versions":
