@@ -75,9 +75,10 @@ async fn managed_hsm_wraps_with_aes_key_wrap() {
 }
 
 /// After a rotation the old version keeps decrypting; once it is disabled its data is refused
-/// (FailedPrecondition) while the new version's still decrypts.
+/// (FailedPrecondition) while the new version's still decrypts; re-enabled, it decrypts again;
+/// expired, it is refused again.
 #[tokio::test]
-async fn old_versions_decrypt_until_disabled() {
+async fn old_versions_decrypt_until_disabled_or_expired() {
     let dir = Dir::new();
     let kv = KeyVault::start(&dir);
     let config = kv.config(&dir, Auth::ClientSecret, "[probe]\ninterval = \"200ms\"");
@@ -116,6 +117,13 @@ async fn old_versions_decrypt_until_disabled() {
     })
     .await;
     assert_eq!(opened, s1);
+
+    kv.admin(&["expire", &old]);
+    eventually("the expired version's data to be refused", || async {
+        decrypt(&mut c.clone(), &e1).await.err().map(|s| s.code()) == Some(Code::FailedPrecondition)
+    })
+    .await;
+    assert_eq!(decrypt(&mut c, &e2).await.unwrap(), s2);
     plugin.stop().await;
 }
 

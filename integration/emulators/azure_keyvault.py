@@ -21,7 +21,7 @@ keys, and the admin subcommands change it from the outside:
 
   azure_keyvault.py init  --dir D [--hsm]        CA, TLS and client credentials, key `k` v1
   azure_keyvault.py serve --dir D --port P
-  azure_keyvault.py admin --dir D rotate|disable [VERSION]|enable [VERSION]|deny|allow|counters
+  azure_keyvault.py admin --dir D rotate|disable|enable|expire [VERSION]|deny|allow|counters
   azure_keyvault.py admin --dir D unwrap KID B64URL   (the administrator's unwrap, for tests)
   azure_keyvault.py admin --dir D hostile short-kek|huge|proxy-403|off   (answers no vault gives)
 """
@@ -458,6 +458,9 @@ def admin(d, args):
             v = pick()
             v["enabled"] = cmd == "enable"
             v["updated"] = int(time.time())
+        elif cmd == "expire":
+            v = pick()
+            v["exp"] = int(time.time()) - 1
         elif cmd in ("deny", "allow"):
             data["denied"] = cmd == "deny"
         elif cmd == "hostile":
