@@ -206,3 +206,33 @@ async fn hostile_answers_are_transient_never_verdicts() {
     assert_eq!(opened, cold_seed);
     plugin.stop().await;
 }
+
+/// Moving to another key of the vault: with the old key's name in `decrypt_only_keys` its data
+/// still decrypts; without it, its key_id is unknown (NotFound) and never tried.
+#[tokio::test]
+async fn another_key_takes_over_and_the_old_one_stays_decrypt_only() {
+    let dir = Dir::new();
+    let kv = KeyVault::start(&dir);
+    let plugin = Plugin::start(&kv.config(&dir, Auth::ClientSecret, "")).await;
+    let mut c = plugin.client().await;
+    let s1 = rand_bytes(32);
+    let e1 = encrypt(&mut c, &s1).await;
+    plugin.stop().await;
+
+    kv.admin(&["create", "k2"]);
+    let plugin = Plugin::start(&kv.config_keys(&dir, Auth::ClientSecret, "k2", &["k"], "")).await;
+    let mut c = plugin.client().await;
+    let key_id = status(&mut c).await.key_id;
+    assert!(key_id.starts_with(&format!("{}/keys/k2/", kv.vault_url())), "{key_id}");
+    assert_eq!(decrypt(&mut c, &e1).await.unwrap(), s1);
+    let e2 = encrypt(&mut c, &s1).await;
+    assert_contract(&e2, &key_id);
+    plugin.stop().await;
+
+    let plugin = Plugin::start(&kv.config_keys(&dir, Auth::ClientSecret, "k2", &[], "")).await;
+    let mut c = plugin.client().await;
+    assert_eq!(decrypt(&mut c, &e1).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(plugin.backend_calls("unwrap").await, 0);
+    assert_eq!(decrypt(&mut c, &e2).await.unwrap(), s1);
+    plugin.stop().await;
+}

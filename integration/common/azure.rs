@@ -200,9 +200,14 @@ impl KeyVault {
 
     /// A plugin config for this vault's key `k`, authenticating with `auth`.
     pub fn config(&self, dir: &Dir, auth: Auth, extra: &str) -> PathBuf {
+        self.config_keys(dir, auth, "k", &[], extra)
+    }
+
+    /// A plugin config with `key` current and `old` decrypt-only.
+    pub fn config_keys(&self, dir: &Dir, auth: Auth, key: &str, old: &[&str], extra: &str) -> PathBuf {
         let algorithm = if self.hsm { "A256KW" } else { "RSA-OAEP-256" };
         dir.write_config(&format!(
-            "{extra}\n[socket]\npath = {:?}\n[backend]\ntype = \"azure\"\nvault_url = {:?}\nvault_ip = \"127.0.0.1\"\nkey = \"k\"\nalgorithm = {algorithm:?}\nca_file = {:?}\ncall_timeout = \"1500ms\"\nattempt_timeout = \"500ms\"\n[backend.auth]\n{}",
+            "{extra}\n[socket]\npath = {:?}\n[backend]\ntype = \"azure\"\nvault_url = {:?}\nvault_ip = \"127.0.0.1\"\nkey = {key:?}\ndecrypt_only_keys = {old:?}\nalgorithm = {algorithm:?}\nca_file = {:?}\ncall_timeout = \"1500ms\"\nattempt_timeout = \"500ms\"\n[backend.auth]\n{}",
             dir.socket(),
             self.vault_url(),
             self.file("ca.pem").display().to_string(),

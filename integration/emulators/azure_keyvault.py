@@ -21,7 +21,7 @@ keys, and the admin subcommands change it from the outside:
 
   azure_keyvault.py init  --dir D [--hsm]        CA, TLS and client credentials, key `k` v1
   azure_keyvault.py serve --dir D --port P
-  azure_keyvault.py admin --dir D rotate|disable|enable|expire [VERSION]|deny|allow|counters
+  azure_keyvault.py admin --dir D rotate|disable|enable|expire [VERSION]|create NAME|deny|allow|counters
   azure_keyvault.py admin --dir D unwrap KID B64URL   (the administrator's unwrap, for tests)
   azure_keyvault.py admin --dir D hostile short-kek|huge|proxy-403|off   (answers no vault gives)
 """
@@ -86,8 +86,8 @@ class State:
         self.lock.close()
 
 
-def new_version(data):
-    """A new version of key `k` (RSA 2048, or a 256-bit oct-HSM key on a Managed HSM)."""
+def new_version(data, name=KEY):
+    """A new version of key `name` (RSA 2048, or a 256-bit oct-HSM key on a Managed HSM)."""
     version = secrets.token_hex(16)
     if data["hsm"]:
         material = {"kty": "oct-HSM", "k": b64u(os.urandom(32))}
@@ -97,7 +97,7 @@ def new_version(data):
         )
         material = {"kty": "RSA", "pem": pem.decode()}
     now = int(time.time())
-    data["keys"].setdefault(KEY, []).append(
+    data["keys"].setdefault(name, []).append(
         {"version": version, "enabled": True, "created": now, "updated": now, **material}
     )
     return version
@@ -454,6 +454,8 @@ def admin(d, args):
         cmd = args[0]
         if cmd == "rotate":
             print(new_version(data))
+        elif cmd == "create":
+            print(new_version(data, args[1]))
         elif cmd in ("disable", "enable"):
             v = pick()
             v["enabled"] = cmd == "enable"
@@ -470,8 +472,9 @@ def admin(d, args):
         elif cmd == "versions":
             print("\n".join(v["version"] for v in versions))
         elif cmd == "unwrap":
-            version, blob = args[1].rstrip("/").rsplit("/", 1)[1], unb64u(args[2])
-            v = next(v for v in versions if v["version"] == version)
+            name, version = args[1].rstrip("/").rsplit("/", 2)[1:]
+            blob = unb64u(args[2])
+            v = next(v for v in data["keys"][name] if v["version"] == version)
             if v["kty"] == "RSA":
                 key = serialization.load_pem_private_key(v["pem"].encode(), None)
                 oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
