@@ -236,3 +236,31 @@ async fn another_key_takes_over_and_the_old_one_stays_decrypt_only() {
     assert_eq!(decrypt(&mut c, &e2).await.unwrap(), s1);
     plugin.stop().await;
 }
+
+/// A hung vault (accepts, never answers) costs a cold Decrypt at most the call timeout, well
+/// under the apiserver's 3 s, and is an outage (Unavailable), healed once it answers again.
+#[tokio::test]
+async fn a_hung_vault_fails_a_cold_decrypt_within_the_call_timeout() {
+    let dir = Dir::new();
+    let kv = KeyVault::start(&dir);
+    let config = kv.config(&dir, Auth::ClientSecret, "");
+    let (seed, cold) = cold_ciphertexts(&config, 1).await.remove(0);
+    let plugin = Plugin::start(&config).await;
+    let mut c = plugin.client().await;
+    kv.pause(true);
+    let began = std::time::Instant::now();
+    let err = decrypt(&mut c, &cold).await.unwrap_err();
+    let took = began.elapsed();
+    kv.pause(false);
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        took < std::time::Duration::from_millis(2500),
+        "a hung vault took {took:?}"
+    );
+    let opened = eventually_some("the cold Decrypt to succeed", || async {
+        decrypt(&mut c.clone(), &cold).await.ok()
+    })
+    .await;
+    assert_eq!(opened, seed);
+    plugin.stop().await;
+}

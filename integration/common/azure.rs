@@ -111,9 +111,24 @@ impl KeyVault {
     /// Kills the server; its state stays on disk.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Freezes (SIGSTOP) or resumes (SIGCONT) the server: connections are accepted by the
+    /// kernel and never answered, as with a hung service.
+    pub fn pause(&self, paused: bool) {
+        let pid = self.child.as_ref().expect("running").id();
+        let sig = if paused { "-STOP" } else { "-CONT" };
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
     }
 
     /// Runs an admin command (`rotate`, `disable`, `enable`, `deny`, `allow`, `counters`,
