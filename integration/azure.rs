@@ -103,11 +103,21 @@ async fn old_versions_decrypt_until_disabled_or_expired() {
     assert_contract(&e2, &v2);
     assert_eq!(decrypt(&mut c, &e1).await.unwrap(), s1);
 
+    assert_eq!(
+        plugin.metric("kms_plugin_kek_cache_size ").await,
+        2.0,
+        "a KEK under each version"
+    );
     kv.admin(&["disable", &old]);
     eventually("the disabled version's data to be refused", || async {
         decrypt(&mut c.clone(), &e1).await.err().map(|s| s.code()) == Some(Code::FailedPrecondition)
     })
     .await;
+    assert_eq!(
+        plugin.metric("kms_plugin_kek_cache_size ").await,
+        1.0,
+        "the disabled version's KEK is purged"
+    );
     assert_eq!(decrypt(&mut c, &e2).await.unwrap(), s2);
     assert_eq!(status(&mut c).await.healthz, "ok");
 
