@@ -274,3 +274,36 @@ async fn a_hung_vault_fails_a_cold_decrypt_within_the_call_timeout() {
     assert_eq!(opened, seed);
     plugin.stop().await;
 }
+
+/// A reload (SIGHUP) builds a new backend: it keeps reading the versions the old one used, so
+/// an old version disabled after the reload is still refused and its cached KEK purged.
+#[tokio::test]
+async fn a_reload_keeps_watching_the_versions_in_use() {
+    let dir = Dir::new();
+    let kv = KeyVault::start(&dir);
+    let config = kv.config(&dir, Auth::ClientSecret, "[probe]\ninterval = \"200ms\"");
+    let plugin = Plugin::start(&config).await;
+    let mut c = plugin.client().await;
+    let v1 = status(&mut c).await.key_id;
+    let s1 = rand_bytes(32);
+    let e1 = encrypt(&mut c, &s1).await;
+    kv.admin(&["rotate"]);
+    eventually_some("the new version to be current", || async {
+        crate::suite::try_status(&c)
+            .await
+            .ok()
+            .map(|s| s.key_id)
+            .filter(|k| *k != v1)
+    })
+    .await;
+    plugin.signal("HUP");
+    assert!(plugin.wait_log("configuration reloaded").await, "{}", plugin.logs());
+    assert_eq!(decrypt(&mut c, &e1).await.unwrap(), s1);
+
+    kv.admin(&["disable", v1.rsplit('/').next().unwrap()]);
+    eventually("the disabled version's data to be refused", || async {
+        decrypt(&mut c.clone(), &e1).await.err().map(|s| s.code()) == Some(Code::FailedPrecondition)
+    })
+    .await;
+    plugin.stop().await;
+}

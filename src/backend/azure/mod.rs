@@ -446,6 +446,20 @@ impl Backend for AzureBackend {
         Some(BackendError::new(ErrorKind::KeyUnusable, why.to_string()))
     }
 
+    /// The versions watched, so a reloaded backend keeps reading them (and refusing the
+    /// disabled ones) before they are used again.
+    fn remembered(&self) -> Vec<(String, String)> {
+        self.versions().keys().map(|id| (id.clone(), id.clone())).collect()
+    }
+
+    fn remember(&self, keys: Vec<(String, String)>) {
+        for (key_id, _) in keys {
+            if self.parse_key_id(&key_id).is_some() {
+                self.watch(&key_id);
+            }
+        }
+    }
+
     async fn wrap(&self, kek: &Kek) -> Result<Wrapped, BackendError> {
         let known = self.current.lock().unwrap_or_else(PoisonError::into_inner).clone();
         let key_id = match known {
