@@ -47,3 +47,12 @@ if ! .venv/bin/python -c 'import grpc' 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check 'grpcio>=1.60,<2'
 fi
 export KMS_TEST_PYTHON="$PWD/.venv/bin/python"
+
+# The Azure Key Vault emulation (integration/emulators/azure_keyvault.py): Python's standard
+# library and `cryptography` (PyKMIP already brings it; installed here if not).
+if ! .venv/bin/python -c 'import cryptography.hazmat.primitives.keywrap' 2>/dev/null; then
+  .venv/bin/pip install -q --disable-pip-version-check 'cryptography>=41'
+fi
+export KMS_TEST_AZURE_EMULATOR="$PWD/integration/emulators/azure_keyvault.py"
+# The Google Cloud KMS emulation (integration/emulators/gcp_kms.py), on the same packages.
+export KMS_TEST_GCP_EMULATOR="$PWD/integration/emulators/gcp_kms.py"

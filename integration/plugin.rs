@@ -4,6 +4,8 @@ mod common;
 
 mod authority;
 mod aws;
+#[cfg(feature = "azure")]
+mod azure;
 mod bad_input;
 mod bench_smoke;
 mod cli;

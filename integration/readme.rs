@@ -11,6 +11,8 @@ use crate::common::*;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const BACKENDS: [&str; 5] = ["local", "pkcs11", "aws", "vault", "kmip"];
+/// Backends behind a cargo feature: their block runs when the test build has the feature.
+const FEATURE_BACKENDS: [&str; 2] = ["gcp", "azure"];
 
 /// The body of each ```sh readme-test:<name> block in `readme`, in order.
 fn blocks(readme: &str) -> Vec<(String, String)> {
@@ -38,13 +40,13 @@ fn blocks(readme: &str) -> Vec<(String, String)> {
 fn every_backend_has_one_readme_block() {
     let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
     let blocks = blocks(&readme);
-    for backend in BACKENDS {
+    for backend in BACKENDS.iter().chain(&FEATURE_BACKENDS) {
         let n = blocks.iter().filter(|(name, _)| name == backend).count();
         assert_eq!(n, 1, "README.md needs exactly one ```sh readme-test:{backend} block");
     }
     for (name, body) in &blocks {
         assert!(
-            BACKENDS.contains(&name.as_str()),
+            BACKENDS.contains(&name.as_str()) || FEATURE_BACKENDS.contains(&name.as_str()),
             "readme-test:{name} is not run by any test"
         );
         // What the issue asks each set-up to show, end to end.
@@ -105,6 +107,10 @@ fn try_backend(backend: &str) -> String {
         .arg(&work)
         .env("PATH", std::env::join_paths(path).unwrap())
         .env("PORT", port.to_string())
+        .env(
+            "KMS_TEST_AZURE_EMULATOR",
+            Path::new(ROOT).join("integration/emulators/azure_keyvault.py"),
+        )
         .env("HOME", &home)
         // Every plugin the block starts gets a free port for its HTTP endpoint.
         .env("KMS_PLUGIN_METRICS__ADDRESS", "127.0.0.1:0")
@@ -183,4 +189,16 @@ fn readme_vault() {
 #[test]
 fn readme_kmip() {
     assert_ran(&try_backend("kmip"), "kmip");
+}
+
+#[cfg(feature = "gcp")]
+#[test]
+fn readme_gcp() {
+    assert_ran(&try_backend("gcp"), "gcp");
+}
+
+#[cfg(feature = "azure")]
+#[test]
+fn readme_azure() {
+    assert_ran(&try_backend("azure"), "azure");
 }

@@ -29,7 +29,8 @@ def main():
     args = ap.parse_args()
     meta = json.loads(
         subprocess.run(
-            ["cargo", "metadata", "--format-version", "1", "--locked",
+            # --features cloud: what the release and the image build (scripts/release.sh).
+            ["cargo", "metadata", "--format-version", "1", "--locked", "--features", "cloud",
              "--manifest-path", args.manifest_path, "--filter-platform", args.target],
             check=True, capture_output=True, text=True,
         ).stdout

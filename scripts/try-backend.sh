@@ -11,7 +11,7 @@
 # Needs kms-plugin and kms-bench on PATH, and the servers the block uses (README, "Backends").
 set -euo pipefail
 
-backends="local pkcs11 aws vault kmip"
+backends="local pkcs11 aws vault kmip gcp azure"
 if [ $# -lt 1 ] || [ $# -gt 2 ] || [ "$1" = -h ] || [ "$1" = --help ]; then
   echo "usage: bash scripts/try-backend.sh {${backends// /|}} [DIR]" >&2
   [ $# -ge 1 ] && [ "$1" != -h ] && [ "$1" != --help ] && exit 2

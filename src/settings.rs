@@ -248,6 +248,7 @@ backends! {
     "vault" => Vault(crate::backend::vault::VaultSettings),
     "kmip" => Kmip(crate::backend::kmip::KmipSettings),
     #[cfg(feature = "gcp")] "gcp" => Gcp(crate::backend::gcp::GcpSettings),
+    #[cfg(feature = "azure")] "azure" => Azure(crate::backend::azure::AzureSettings),
 }
 
 /// Deserialises the `backend` table of `table` (errors carry the field's path).

@@ -13,6 +13,8 @@ use kms_plugin::proto::v2::{DecryptRequest, EncryptRequest, EncryptResponse, Sta
 use kms_plugin::server::socket::SocketAddress;
 use ring::rand::{SecureRandom, SystemRandom};
 
+#[cfg(feature = "azure")]
+pub mod azure;
 pub mod etcd;
 pub mod fake_kmip;
 pub mod fake_vault;

@@ -193,7 +193,8 @@ macro_rules! server_tests {
 macro_rules! every_server {
     ($scenario:ident) => {
         server_tests!($scenario: Local => local, Pkcs11 => pkcs11_softhsm, Aws => aws_moto,
-            Vault => vault_openbao, Kmip => kmip_pykmip, #[cfg(feature = "gcp")] Gcp => gcp_emulated);
+            Vault => vault_openbao, Kmip => kmip_pykmip, #[cfg(feature = "gcp")] Gcp => gcp_emulated,
+            #[cfg(feature = "azure")] Azure => azure_emulated);
     };
 }
 
@@ -201,14 +202,16 @@ macro_rules! every_server {
 macro_rules! every_remote_server {
     ($scenario:ident) => {
         server_tests!($scenario: Pkcs11 => pkcs11_softhsm, Aws => aws_moto, Vault => vault_openbao,
-            Kmip => kmip_pykmip, #[cfg(feature = "gcp")] Gcp => gcp_emulated);
+            Kmip => kmip_pykmip, #[cfg(feature = "gcp")] Gcp => gcp_emulated,
+            #[cfg(feature = "azure")] Azure => azure_emulated);
     };
 }
 
 /// [`every_server!`] for the scenarios that need a [`DenyingServer`]: the cloud key managers.
 macro_rules! every_denying_server {
     ($scenario:ident) => {
-        server_tests!($scenario: #[cfg(feature = "gcp")] Gcp => gcp_emulated);
+        server_tests!($scenario: #[cfg(feature = "gcp")] Gcp => gcp_emulated,
+            #[cfg(feature = "azure")] Azure => azure_emulated);
     };
 }
 

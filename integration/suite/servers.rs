@@ -6,10 +6,14 @@ use std::time::Duration;
 
 use tonic::Code;
 
+#[cfg(feature = "azure")]
+use super::DenyingServer;
 use super::{Pickup, Recovery, RemoteServer, RootKeyServer};
 use kms_plugin::contract::KEK_ANNOTATION;
 use kms_plugin::proto::v2::EncryptResponse;
 
+#[cfg(feature = "azure")]
+use crate::common::azure;
 use crate::common::{Dir, kmip, moto, openbao, rand_hex, softhsm};
 
 /// Local root-key files `root-1`, `root-2` … in the case's directory; the last is current.
@@ -446,5 +450,76 @@ impl super::DenyingServer for Gcp {
 
     async fn allow(&mut self, _: &Dir) {
         self.kms.deny(false);
+    }
+}
+
+/// The Azure Key Vault emulation (integration/emulators/azure_keyvault.py) with key `k`; its
+/// newest version is current. The plugin signs in with a client secret (the other credential
+/// sources are tested in integration/azure.rs).
+#[cfg(feature = "azure")]
+pub struct Azure {
+    kv: azure::KeyVault,
+}
+
+#[cfg(feature = "azure")]
+impl RootKeyServer for Azure {
+    async fn start(dir: &Dir) -> Self {
+        Azure {
+            kv: azure::KeyVault::start(dir),
+        }
+    }
+
+    fn config(&self, dir: &Dir, extra: &str) -> String {
+        std::fs::read_to_string(self.kv.config(dir, azure::Auth::ClientSecret, extra)).unwrap()
+    }
+
+    /// A new key version, as a manual rotation or the vault's rotation policy makes.
+    async fn rotate(&mut self, _: &Dir) -> Pickup {
+        self.kv.admin(&["rotate"]);
+        Pickup::Live
+    }
+
+    fn secrets(&self, _: &Dir) -> Vec<Vec<u8>> {
+        self.kv.secrets()
+    }
+
+    async fn kek(&self, _: &Dir, e: &EncryptResponse) -> Option<Vec<u8>> {
+        Some(self.kv.unwrap(&e.key_id, &e.annotations[KEK_ANNOTATION]))
+    }
+}
+
+#[cfg(feature = "azure")]
+impl RemoteServer for Azure {
+    const REVOKED: Code = Code::FailedPrecondition;
+
+    /// Disables the current key version.
+    async fn revoke(&mut self, _: &Dir) {
+        self.kv.admin(&["disable"]);
+    }
+
+    async fn recover(&mut self, _: &Dir) -> Recovery {
+        self.kv.admin(&["enable"]);
+        Recovery::SameKey
+    }
+
+    async fn stop(&mut self) {
+        self.kv.stop();
+    }
+
+    /// The same port, the same keys (the state is on disk).
+    async fn restart(&mut self) {
+        self.kv.run();
+    }
+}
+
+#[cfg(feature = "azure")]
+impl DenyingServer for Azure {
+    /// The plugin's identity loses its role on the key (403 ForbiddenByRbac).
+    async fn deny(&mut self, _: &Dir) {
+        self.kv.admin(&["deny"]);
+    }
+
+    async fn allow(&mut self, _: &Dir) {
+        self.kv.admin(&["allow"]);
     }
 }

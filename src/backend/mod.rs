@@ -12,6 +12,8 @@
 //! new current key, a reload hands over learned ones) keeps them in a `registry::KeyRegistry`.
 
 pub mod aws;
+#[cfg(feature = "azure")]
+pub mod azure;
 pub mod delay;
 #[cfg(feature = "gcp")]
 pub mod gcp;

@@ -1,4 +1,4 @@
-//! TLS client configuration shared by the network backends (Vault, KMIP): rustls with ring,
+//! TLS client configuration shared by the network backends (Vault, KMIP, Azure): rustls with ring,
 //! certificate verification always on, a CA bundle or the system's roots, and an optional
 //! client certificate whose key file gets the same checks as any secret file. PEM files are
 //! read whole, within the cap on every file the configuration names.

@@ -1,0 +1,309 @@
+//! The Azure Key Vault backend against the emulation of Key Vault's documented REST API
+//! (integration/emulators/azure_keyvault.py): what only Azure has. Round trip, rotation by a
+//! new key version, revocation by disabling it, permission denied, outage, coalescing and the
+//! log scan are in the shared suite (integration/suite/).
+
+use std::process::Command;
+
+use tonic::Code;
+
+use crate::common::azure::{Auth, KeyVault};
+use crate::common::*;
+
+/// A round trip through a plugin signed in with `auth`, a cold unwrap by a second plugin, and
+/// the emulator's proof that the credential got its tokens.
+async fn round_trip_with(auth: Auth) {
+    let dir = Dir::new();
+    let kv = KeyVault::start(&dir);
+    let config = kv.config(&dir, auth, "");
+    let env = kv.env(auth);
+    let plugin = Plugin::start_env(&config, &env).await;
+    let mut c = plugin.client().await;
+    let key_id = status(&mut c).await.key_id;
+    assert!(
+        key_id.starts_with(&format!("{}/keys/k/", kv.vault_url())),
+        "key_id names the vault, the key and its version: {key_id}"
+    );
+    let seed = rand_bytes(32);
+    let e = encrypt(&mut c, &seed).await;
+    assert_contract(&e, &key_id);
+    plugin.stop().await;
+
+    let plugin = Plugin::start_env(&config, &env).await;
+    let mut c = plugin.client().await;
+    assert_eq!(decrypt(&mut c, &e).await.unwrap(), seed);
+    assert_eq!(plugin.backend_calls("unwrap").await, 1);
+    plugin.stop().await;
+    assert!(
+        kv.counter("token") >= 2,
+        "each plugin got a token from the {auth:?} endpoint"
+    );
+    assert!(kv.counter("unwrapkey") >= 1);
+}
+
+#[tokio::test]
+async fn client_certificate_signs_its_assertion() {
+    round_trip_with(Auth::ClientCertificate).await;
+}
+
+#[tokio::test]
+async fn workload_identity_from_the_aks_environment() {
+    round_trip_with(Auth::WorkloadIdentity).await;
+}
+
+#[tokio::test]
+async fn managed_identity_through_the_identity_endpoint() {
+    round_trip_with(Auth::ManagedIdentity).await;
+}
+
+/// A Managed HSM's oct-HSM key wraps with A256KW (40-byte blobs).
+#[tokio::test]
+async fn managed_hsm_wraps_with_aes_key_wrap() {
+    let dir = Dir::new();
+    let kv = KeyVault::start_with(&dir, true);
+    let config = kv.config(&dir, Auth::ClientSecret, "");
+    let plugin = Plugin::start(&config).await;
+    let mut c = plugin.client().await;
+    let seed = rand_bytes(32);
+    let e = encrypt(&mut c, &seed).await;
+    assert_eq!(e.annotations[kms_plugin::contract::KEK_ANNOTATION].len(), 40);
+    plugin.stop().await;
+    let plugin = Plugin::start(&config).await;
+    let mut c = plugin.client().await;
+    assert_eq!(decrypt(&mut c, &e).await.unwrap(), seed);
+    plugin.stop().await;
+}
+
+/// After a rotation the old version keeps decrypting; once it is disabled its data is refused
+/// (FailedPrecondition) while the new version's still decrypts; re-enabled, it decrypts again;
+/// expired, it is refused again.
+#[tokio::test]
+async fn old_versions_decrypt_until_disabled_or_expired() {
+    let dir = Dir::new();
+    let kv = KeyVault::start(&dir);
+    let config = kv.config(&dir, Auth::ClientSecret, "[probe]\ninterval = \"200ms\"");
+    let plugin = Plugin::start(&config).await;
+    let mut c = plugin.client().await;
+    let v1 = status(&mut c).await.key_id;
+    let s1 = rand_bytes(32);
+    let e1 = encrypt(&mut c, &s1).await;
+    let old = v1.rsplit('/').next().unwrap().to_string();
+
+    kv.admin(&["rotate"]);
+    let v2 = eventually_some("the new version to be current", || async {
+        crate::suite::try_status(&c)
+            .await
+            .ok()
+            .map(|s| s.key_id)
+            .filter(|k| *k != v1)
+    })
+    .await;
+    let s2 = rand_bytes(32);
+    let e2 = encrypt(&mut c, &s2).await;
+    assert_contract(&e2, &v2);
+    assert_eq!(decrypt(&mut c, &e1).await.unwrap(), s1);
+
+    assert_eq!(
+        plugin.metric("kms_plugin_kek_cache_size ").await,
+        2.0,
+        "a KEK under each version"
+    );
+    kv.admin(&["disable", &old]);
+    eventually("the disabled version's data to be refused", || async {
+        decrypt(&mut c.clone(), &e1).await.err().map(|s| s.code()) == Some(Code::FailedPrecondition)
+    })
+    .await;
+    assert_eq!(
+        plugin.metric("kms_plugin_kek_cache_size ").await,
+        1.0,
+        "the disabled version's KEK is purged"
+    );
+    assert_eq!(decrypt(&mut c, &e2).await.unwrap(), s2);
+    assert_eq!(status(&mut c).await.healthz, "ok");
+
+    kv.admin(&["enable", &old]);
+    let opened = eventually_some("the re-enabled version to decrypt", || async {
+        decrypt(&mut c.clone(), &e1).await.ok()
+    })
+    .await;
+    assert_eq!(opened, s1);
+
+    kv.admin(&["expire", &old]);
+    eventually("the expired version's data to be refused", || async {
+        decrypt(&mut c.clone(), &e1).await.err().map(|s| s.code()) == Some(Code::FailedPrecondition)
+    })
+    .await;
+    assert_eq!(decrypt(&mut c, &e2).await.unwrap(), s2);
+    plugin.stop().await;
+}
+
+/// `kms-plugin check` wraps and unwraps through the vault; with a wrong client secret it fails
+/// saying Entra ID refused the credential, without printing the secret.
+#[tokio::test]
+async fn check_round_trips_and_names_a_refused_secret() {
+    let dir = Dir::new();
+    let kv = KeyVault::start(&dir);
+    let config = kv.config(&dir, Auth::ClientSecret, "");
+    let (ok, out) = check(&config);
+    assert!(ok, "{out}");
+    assert!(out.contains("ok: backend azure current key_id"), "{out}");
+
+    let wrong = format!("cs~wrong-{}", rand_hex(16));
+    std::fs::write(kv.file("client-secret"), &wrong).unwrap();
+    let (ok, out) = check(&config);
+    assert!(!ok, "{out}");
+    assert!(out.contains("AADSTS7000215"), "{out}");
+    assert!(!out.contains(&wrong), "{out}");
+}
+
+/// Workload identity without its environment is a configuration error `check` names.
+#[tokio::test]
+async fn workload_identity_without_its_environment_is_named() {
+    let dir = Dir::new();
+    let kv = KeyVault::start(&dir);
+    let config = kv.config(&dir, Auth::WorkloadIdentity, "");
+    let out = Command::new(BIN)
+        .args(["check", "--config", config.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .env_remove("AZURE_FEDERATED_TOKEN_FILE")
+        .env_remove("AZURE_TENANT_ID")
+        .output()
+        .unwrap();
+    let (ok, out) = outcome(&out);
+    assert!(!ok, "{out}");
+    assert!(out.contains("workload_identity") && out.contains("tenant"), "{out}");
+}
+
+/// Answers no vault gives (a proxy's HTML 403, an oversized body, an unwrapped KEK of the wrong
+/// length) are transient: a cold Decrypt is Unavailable, the cached KEKs stay and serve, Status
+/// stays healthy, and once the answers are right again the cold Decrypt succeeds.
+#[tokio::test]
+async fn hostile_answers_are_transient_never_verdicts() {
+    let dir = Dir::new();
+    let kv = KeyVault::start(&dir);
+    let config = kv.config(&dir, Auth::ClientSecret, "[probe]\ninterval = \"200ms\"");
+    let (cold_seed, cold) = cold_ciphertexts(&config, 1).await.remove(0);
+    let plugin = Plugin::start(&config).await;
+    let mut c = plugin.client().await;
+    let seed = rand_bytes(32);
+    let hot = encrypt(&mut c, &seed).await;
+
+    for mode in ["short-kek", "huge", "proxy-403"] {
+        kv.admin(&["hostile", mode]);
+        let err = decrypt(&mut c, &cold).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{mode}: {err:?}");
+        let probes = plugin.backend_calls("probe").await;
+        eventually("two more probes", || async {
+            plugin.backend_calls("probe").await >= probes + 2
+        })
+        .await;
+        assert_eq!(status(&mut c).await.healthz, "ok", "{mode}");
+        assert_eq!(
+            decrypt(&mut c, &hot).await.unwrap(),
+            seed,
+            "{mode}: the cached KEK serves"
+        );
+        assert!(
+            plugin.metric("kms_plugin_kek_cache_size ").await >= 1.0,
+            "{mode}: nothing purged"
+        );
+    }
+    kv.admin(&["hostile", "off"]);
+    let opened = eventually_some("the cold Decrypt to succeed", || async {
+        decrypt(&mut c.clone(), &cold).await.ok()
+    })
+    .await;
+    assert_eq!(opened, cold_seed);
+    plugin.stop().await;
+}
+
+/// Moving to another key of the vault: with the old key's name in `decrypt_only_keys` its data
+/// still decrypts; without it, its key_id is unknown (NotFound) and never tried.
+#[tokio::test]
+async fn another_key_takes_over_and_the_old_one_stays_decrypt_only() {
+    let dir = Dir::new();
+    let kv = KeyVault::start(&dir);
+    let plugin = Plugin::start(&kv.config(&dir, Auth::ClientSecret, "")).await;
+    let mut c = plugin.client().await;
+    let s1 = rand_bytes(32);
+    let e1 = encrypt(&mut c, &s1).await;
+    plugin.stop().await;
+
+    kv.admin(&["create", "k2"]);
+    let plugin = Plugin::start(&kv.config_keys(&dir, Auth::ClientSecret, "k2", &["k"], "")).await;
+    let mut c = plugin.client().await;
+    let key_id = status(&mut c).await.key_id;
+    assert!(key_id.starts_with(&format!("{}/keys/k2/", kv.vault_url())), "{key_id}");
+    assert_eq!(decrypt(&mut c, &e1).await.unwrap(), s1);
+    let e2 = encrypt(&mut c, &s1).await;
+    assert_contract(&e2, &key_id);
+    plugin.stop().await;
+
+    let plugin = Plugin::start(&kv.config_keys(&dir, Auth::ClientSecret, "k2", &[], "")).await;
+    let mut c = plugin.client().await;
+    assert_eq!(decrypt(&mut c, &e1).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(plugin.backend_calls("unwrap").await, 0);
+    assert_eq!(decrypt(&mut c, &e2).await.unwrap(), s1);
+    plugin.stop().await;
+}
+
+/// A hung vault (accepts, never answers) costs a cold Decrypt at most the call timeout, well
+/// under the apiserver's 3 s, and is an outage (Unavailable), healed once it answers again.
+#[tokio::test]
+async fn a_hung_vault_fails_a_cold_decrypt_within_the_call_timeout() {
+    let dir = Dir::new();
+    let kv = KeyVault::start(&dir);
+    let config = kv.config(&dir, Auth::ClientSecret, "");
+    let (seed, cold) = cold_ciphertexts(&config, 1).await.remove(0);
+    let plugin = Plugin::start(&config).await;
+    let mut c = plugin.client().await;
+    kv.pause(true);
+    let began = std::time::Instant::now();
+    let err = decrypt(&mut c, &cold).await.unwrap_err();
+    let took = began.elapsed();
+    kv.pause(false);
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        took < std::time::Duration::from_millis(2500),
+        "a hung vault took {took:?}"
+    );
+    let opened = eventually_some("the cold Decrypt to succeed", || async {
+        decrypt(&mut c.clone(), &cold).await.ok()
+    })
+    .await;
+    assert_eq!(opened, seed);
+    plugin.stop().await;
+}
+
+/// A reload (SIGHUP) builds a new backend: it keeps reading the versions the old one used, so
+/// an old version disabled after the reload is still refused and its cached KEK purged.
+#[tokio::test]
+async fn a_reload_keeps_watching_the_versions_in_use() {
+    let dir = Dir::new();
+    let kv = KeyVault::start(&dir);
+    let config = kv.config(&dir, Auth::ClientSecret, "[probe]\ninterval = \"200ms\"");
+    let plugin = Plugin::start(&config).await;
+    let mut c = plugin.client().await;
+    let v1 = status(&mut c).await.key_id;
+    let s1 = rand_bytes(32);
+    let e1 = encrypt(&mut c, &s1).await;
+    kv.admin(&["rotate"]);
+    eventually_some("the new version to be current", || async {
+        crate::suite::try_status(&c)
+            .await
+            .ok()
+            .map(|s| s.key_id)
+            .filter(|k| *k != v1)
+    })
+    .await;
+    plugin.signal("HUP");
+    assert!(plugin.wait_log("configuration reloaded").await, "{}", plugin.logs());
+    assert_eq!(decrypt(&mut c, &e1).await.unwrap(), s1);
+
+    kv.admin(&["disable", v1.rsplit('/').next().unwrap()]);
+    eventually("the disabled version's data to be refused", || async {
+        decrypt(&mut c.clone(), &e1).await.err().map(|s| s.code()) == Some(Code::FailedPrecondition)
+    })
+    .await;
+    plugin.stop().await;
+}
