@@ -204,3 +204,53 @@ async fn suite_status(c: &kms_plugin::client::Client) -> Option<Code> {
         .err()
         .map(|e| e.code())
 }
+
+/// A Decrypt request pairs a key_id with a blob of its choosing: an enabled version's key_id
+/// with a blob of a disabled version is refused, but never makes the enabled version refused.
+#[tokio::test]
+async fn a_request_cannot_get_an_enabled_version_refused() {
+    let dir = Dir::new();
+    let kms = GcpKms::start(&dir).await;
+    let key = kms.create_key("root");
+    let text = kms.config(
+        &dir,
+        &key,
+        &[],
+        &kms.service_account_line(),
+        "[probe]\ninterval = \"200ms\"",
+    );
+    let config = dir.write_config(&text);
+    // Blobs under distinct KEKs of version 1 (a failed unwrap of one blob is not retried at once).
+    let mut old = Vec::new();
+    for _ in 0..3 {
+        let maker = Plugin::start_env(&config, &kms.env()).await;
+        old.push(encrypt(&mut maker.client().await, &rand_bytes(32)).await);
+        maker.stop().await;
+    }
+    let plugin = Plugin::start_env(&config, &kms.env()).await;
+    let mut c = plugin.client().await;
+    let v2 = kms.rotate(&key);
+    eventually("the new primary to be current", || async {
+        status(&mut c.clone()).await.key_id == v2
+    })
+    .await;
+    let s2 = rand_bytes(32);
+    let e2 = encrypt(&mut c, &s2).await;
+    kms.set_state(&old[0].key_id, "DISABLED");
+    for e1 in &old {
+        let mut forged = decrypt_request(e1);
+        forged.key_id = e2.key_id.clone();
+        let err = c.decrypt(forged).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    }
+    assert_eq!(decrypt(&mut c, &e2).await.unwrap(), s2);
+    let probes = plugin.backend_calls("probe").await;
+    eventually("three more probes", || async {
+        plugin.backend_calls("probe").await >= probes + 3
+    })
+    .await;
+    assert_eq!(decrypt(&mut c, &e2).await.unwrap(), s2);
+    assert_eq!(status(&mut c).await.healthz, "ok");
+    assert!(!plugin.logs().contains("cached KEKs purged"), "{}", plugin.logs());
+    plugin.stop().await;
+}

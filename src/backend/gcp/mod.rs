@@ -15,8 +15,15 @@
 //! Older versions: the service picks the version from the ciphertext on `Decrypt`. Which of them
 //! are still usable is not in `GetCryptoKey` (and listing versions needs more than the
 //! least-privilege role), so the backend keeps one wrapped KEK of each older version it has
-//! seen (at most [`WATCHED`]) and the probe unwraps it again: a version the service refuses
-//! twice in a row is refused on every Decrypt, and the core purges its cached KEKs.
+//! seen (at most [`WATCHED`]) and the probe unwraps it again, a few versions a probe
+//! ([`RECHECKS`], in turn): a version the service refuses twice in a row is refused on every
+//! Decrypt, and the core purges its cached KEKs. Only the probe's own samples count: a Decrypt
+//! request pairs a key_id with a blob of its choosing (the service checks the version named
+//! inside the ciphertext before the AAD), so its refusal says nothing about the key_id.
+//!
+//! `FAILED_PRECONDITION` means "version not enabled" for keys held by Cloud KMS, but Cloud EKM
+//! also reports an unreachable external key manager with it; for `EXTERNAL` and
+//! `EXTERNAL_VPC` keys it is an outage, never a refusal.
 
 mod credentials;
 mod said;
@@ -40,8 +47,16 @@ use zeroize::Zeroizing;
 use super::{Backend, BackendError, ErrorKind, Wrapped};
 use crate::secret::Kek;
 
-/// Older versions whose usability the probe re-checks (one Decrypt each per probe).
+/// Older versions whose usability the probe re-checks.
 pub const WATCHED: usize = 16;
+
+/// Older versions re-checked per probe (one Decrypt each), in turn: keeps a probe within a few
+/// call timeouts however many versions are watched.
+pub const RECHECKS: usize = 4;
+
+/// Longest CryptoKey name accepted: its version names are key_ids, which the apiserver caps at
+/// 1 KiB.
+const MAX_KEY_NAME: usize = 900;
 
 /// A wrapped KEK is AES-256-GCM output plus the service's framing: well under a hundred bytes
 /// for 32 bytes of plaintext. Anything near this bound is not a Cloud KMS ciphertext.
@@ -107,6 +122,10 @@ struct Watched {
 struct State {
     /// The primary version the last probe found enabled.
     current: Option<String>,
+    /// The key is held outside Google (Cloud EKM): FAILED_PRECONDITION is then an outage.
+    external: bool,
+    /// Where the next probe's re-checks start in `order`.
+    cursor: usize,
     /// By version name; insertion order kept in `order` to evict the oldest.
     watched: HashMap<String, Watched>,
     order: Vec<String>,
@@ -123,6 +142,9 @@ pub struct GcpBackend {
 
 /// Checks `name` is `projects/*/locations/*/keyRings/*/cryptoKeys/*` with plain ids.
 fn check_key_name(setting: &str, name: &str) -> Result<(), String> {
+    if name.len() > MAX_KEY_NAME {
+        return Err(format!("backend.{setting}: longer than {MAX_KEY_NAME} characters"));
+    }
     let parts: Vec<&str> = name.split('/').collect();
     let shape = ["projects", "", "locations", "", "keyRings", "", "cryptoKeys", ""];
     let ok = parts.len() == shape.len()
@@ -157,12 +179,35 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// What a failed call means for the key, and a log line without anything we sent.
-fn classify(e: &google_cloud_kms_v1::Error, what: &str, sent: &[&[u8]]) -> BackendError {
+/// Checks `endpoint` is `https://…`, or `http://` to a loopback address: a KEK is sent there.
+fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    let loopback = ["http://127.0.0.1", "http://[::1]", "http://localhost"];
+    let ok = endpoint.starts_with("https://")
+        || loopback.iter().any(|l| {
+            endpoint
+                .strip_prefix(l)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with([':', '/']))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "backend.endpoint {endpoint:?}: must be https:// (http:// only to a loopback address)"
+        ))
+    }
+}
+
+/// What a failed call means for the key, and a log line without anything we sent. `external`:
+/// the key is in Cloud EKM, where FAILED_PRECONDITION also means "external manager unreachable".
+fn classify(e: &google_cloud_kms_v1::Error, what: &str, sent: &[&[u8]], external: bool) -> BackendError {
     if let Some(status) = e.status() {
         let kind = match status.code {
+            Code::FailedPrecondition if external => ErrorKind::Transient,
             Code::FailedPrecondition | Code::NotFound => ErrorKind::KeyUnusable,
-            Code::PermissionDenied | Code::Unauthenticated => ErrorKind::Denied,
+            Code::PermissionDenied => ErrorKind::Denied,
+            // A token the service did not accept: clock skew or an expired federation token as
+            // often as a wrong account; the set-up to fix, never a revocation.
+            Code::Unauthenticated => ErrorKind::Configuration,
             // Decrypt's answer to a ciphertext that fails under the key and AAD.
             Code::InvalidArgument if what == "Decrypt" => ErrorKind::BadWrappedKey,
             Code::InvalidArgument => ErrorKind::Configuration,
@@ -198,6 +243,12 @@ impl GcpBackend {
     /// a key that is missing, disabled or of the wrong purpose does.
     pub async fn connect(s: &GcpSettings) -> Result<Self, String> {
         check_key_name("key", &s.key)?;
+        if let Some(endpoint) = &s.endpoint {
+            check_endpoint(endpoint)?;
+        }
+        if s.call_timeout.is_zero() || s.attempt_timeout.is_zero() {
+            return Err("backend: call_timeout and attempt_timeout must be more than zero".into());
+        }
         let mut keys = vec![s.key.clone()];
         for k in &s.decrypt_only_keys {
             check_key_name("decrypt_only_keys", k)?;
@@ -227,6 +278,8 @@ impl GcpBackend {
         if let Some(endpoint) = &s.endpoint {
             builder = builder.with_endpoint(endpoint);
         }
+        // A redirect would replay an Encrypt, KEK and all, to wherever it points.
+        let builder = google_cloud_gax::client_builder::internal::with_follow_redirects(builder, false);
         let client = builder.build().await.map_err(|e| format!("gcp: client: {e}"))?;
         let backend = Self {
             client,
@@ -253,7 +306,7 @@ impl GcpBackend {
             .with_idempotency(true)
             .send()
             .await
-            .map_err(|e| classify(&e, "GetCryptoKey", &[]))?;
+            .map_err(|e| classify(&e, "GetCryptoKey", &[], self.external()))?;
         if key.name != self.key {
             return Err(malformed("GetCryptoKey", "the answer names another key"));
         }
@@ -291,7 +344,15 @@ impl GcpBackend {
                 ));
             }
         }
-        lock(&self.state).current = Some(primary.name.clone());
+        {
+            use google_cloud_kms_v1::model::ProtectionLevel;
+            let mut state = lock(&self.state);
+            state.current = Some(primary.name.clone());
+            state.external = matches!(
+                primary.protection_level,
+                ProtectionLevel::External | ProtectionLevel::ExternalVpc
+            );
+        }
         Ok(primary.name)
     }
 
@@ -316,7 +377,11 @@ impl GcpBackend {
         );
     }
 
-    /// Records what an unwrap under `version` said about the version.
+    fn external(&self) -> bool {
+        lock(&self.state).external
+    }
+
+    /// Records what the probe's unwrap of `version`'s own sample said about the version.
     fn note(&self, version: &str, outcome: &Result<Kek, BackendError>) {
         let mut state = lock(&self.state);
         let Some(w) = state.watched.get_mut(version) else {
@@ -345,7 +410,7 @@ impl GcpBackend {
             .with_idempotency(true)
             .send()
             .await
-            .map_err(|e| classify(&e, "Decrypt", &[]))?;
+            .map_err(|e| classify(&e, "Decrypt", &[blob], self.external()))?;
         let plain = Zeroizing::new(answer.plaintext.to_vec());
         if answer.plaintext_crc32c != Some(crc32c(&plain)) {
             return Err(malformed("Decrypt", "the plaintext does not match its CRC32C"));
@@ -353,16 +418,27 @@ impl GcpBackend {
         Kek::from_bytes(&plain).ok_or_else(|| malformed("Decrypt", "the unwrapped KEK has the wrong length"))
     }
 
-    /// Unwraps each watched older version's sample again, so a version disabled since is
-    /// refused even while its KEKs are cached.
+    /// Unwraps the samples of up to [`RECHECKS`] watched older versions again (in turn across
+    /// probes), so a version disabled since is refused even while its KEKs are cached.
     async fn recheck_older(&self, current: &str) {
         let samples: Vec<(String, Vec<u8>)> = {
-            let state = lock(&self.state);
-            state
-                .order
+            let mut state = lock(&self.state);
+            let older: Vec<String> = state.order.iter().filter(|v| v.as_str() != current).cloned().collect();
+            if older.is_empty() {
+                return;
+            }
+            let start = state.cursor % older.len();
+            let picked: Vec<String> = older
                 .iter()
-                .filter(|v| v.as_str() != current)
-                .filter_map(|v| state.watched.get(v).map(|w| (v.clone(), w.sample.clone())))
+                .cycle()
+                .skip(start)
+                .take(RECHECKS.min(older.len()))
+                .cloned()
+                .collect();
+            state.cursor = start + picked.len();
+            picked
+                .into_iter()
+                .filter_map(|v| state.watched.get(&v).map(|w| (v.clone(), w.sample.clone())))
                 .collect()
         };
         for (version, sample) in samples {
@@ -424,7 +500,7 @@ impl Backend for GcpBackend {
             .with_idempotency(true)
             .send()
             .await
-            .map_err(|e| classify(&e, "Encrypt", &[kek.expose()]))?;
+            .map_err(|e| classify(&e, "Encrypt", &[kek.expose()], self.external()))?;
         if !answer.verified_plaintext_crc32c || !answer.verified_additional_authenticated_data_crc32c {
             // Google: the request was corrupted on its way; retrying is safe.
             return Err(malformed("Encrypt", "the service did not verify what was sent"));
@@ -450,10 +526,11 @@ impl Backend for GcpBackend {
             return Err(BackendError::new(ErrorKind::UnknownKey, "gcp: key_id not configured"));
         }
         let outcome = self.decrypt(key_id, blob).await;
+        // A blob that unwraps under key_id's AAD was wrapped for that version: a fair sample.
+        // A refusal here is not noted (see the module docs).
         if outcome.is_ok() {
             self.watch(key_id, blob);
         }
-        self.note(key_id, &outcome);
         outcome
     }
 }
@@ -484,6 +561,27 @@ mod tests {
         assert_eq!(key_of(&format!("{key}/cryptoKeyVersions/")), None);
         assert_eq!(key_of(&format!("{key}/cryptoKeyVersions/1a")), None);
         assert_eq!(key_of(key), None);
+    }
+
+    #[test]
+    fn endpoints_are_https_or_loopback() {
+        for ok in [
+            "https://cloudkms.googleapis.com",
+            "http://127.0.0.1:8080",
+            "http://localhost",
+            "http://[::1]:1/x",
+        ] {
+            assert!(check_endpoint(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://kms.example",
+            "http://127.0.0.1.evil.example",
+            "http://localhost.evil",
+            "ftp://x",
+            "",
+        ] {
+            assert!(check_endpoint(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
