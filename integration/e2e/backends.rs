@@ -64,3 +64,17 @@ async fn rotation_kmip_pykmip() {
 async fn rotation_aws_moto() {
     rotation_through_the_apiserver(Kind::Aws).await;
 }
+
+#[cfg(feature = "gcp")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs KMS_E2E_KUBE_APISERVER; run integration/e2e.sh"]
+async fn rotation_gcp_emulated() {
+    rotation_through_the_apiserver(Kind::Gcp).await;
+}
+
+#[cfg(feature = "azure")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs KMS_E2E_KUBE_APISERVER; run integration/e2e.sh"]
+async fn rotation_azure_emulated() {
+    rotation_through_the_apiserver(Kind::Azure).await;
+}

@@ -1,6 +1,7 @@
 //! The root key of each backend that has a real server in the tests, and how an operator rotates
 //! it without restarting the plugin: a live config reload (local, PKCS#11) or a new key at the
-//! key manager that the plugin's probe notices (OpenBao Transit, PyKMIP, moto).
+//! key manager that the plugin's probe notices (OpenBao Transit, PyKMIP, moto, and the Cloud KMS
+//! and Key Vault emulations: a new key version).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,6 +24,10 @@ pub enum Kind {
     Vault,
     Kmip,
     Aws,
+    #[cfg(feature = "gcp")]
+    Gcp,
+    #[cfg(feature = "azure")]
+    Azure,
 }
 
 enum Server {
@@ -31,6 +36,10 @@ enum Server {
     Vault(Bao, String),
     Kmip(Kmip),
     Aws(Moto, Vec<String>),
+    #[cfg(feature = "gcp")]
+    Gcp(crate::common::gcp::GcpKms, String),
+    #[cfg(feature = "azure")]
+    Azure(crate::common::azure::KeyVault),
 }
 
 /// A backend's server (if any), its current root key, and the plugin's config file.
@@ -72,6 +81,19 @@ impl RootKeys {
                 moto.alias("alias/kms-plugin", &key).await;
                 (Server::Aws(moto, vec![key]), Moto::env())
             }
+            #[cfg(feature = "gcp")]
+            Kind::Gcp => {
+                let kms = crate::common::gcp::GcpKms::start(dir).await;
+                let key = kms.create_key("root");
+                let env = kms.env();
+                (Server::Gcp(kms, key), env)
+            }
+            #[cfg(feature = "azure")]
+            Kind::Azure => {
+                let kv = crate::common::azure::KeyVault::start(dir);
+                let env = kv.env(crate::common::azure::Auth::ClientSecret);
+                (Server::Azure(kv), env)
+            }
         };
         let keys = RootKeys {
             server,
@@ -101,6 +123,14 @@ impl RootKeys {
                 let key = moto.create_key().await;
                 moto.alias("alias/kms-plugin", &key).await;
                 keys.push(key);
+            }
+            #[cfg(feature = "gcp")]
+            Server::Gcp(kms, key) => {
+                kms.rotate(key);
+            }
+            #[cfg(feature = "azure")]
+            Server::Azure(kv) => {
+                kv.admin(&["rotate"]);
             }
         }
         self.write_config(dir);
@@ -133,6 +163,10 @@ impl RootKeys {
                 let old: Vec<&str> = keys[..keys.len() - 1].iter().map(String::as_str).collect();
                 moto.config(dir, "alias/kms-plugin", &old, EXTRA)
             }
+            #[cfg(feature = "gcp")]
+            Server::Gcp(kms, key) => dir.write_config(&kms.config(dir, key, &[], &kms.service_account_line(), EXTRA)),
+            #[cfg(feature = "azure")]
+            Server::Azure(kv) => kv.config(dir, crate::common::azure::Auth::ClientSecret, EXTRA),
         };
         // Same path, new inode: what editors and a ConfigMap's symlink swap do.
         std::fs::rename(written, &self.config).unwrap();
