@@ -19,7 +19,7 @@
 //! twice in a row is refused on every Decrypt, and the core purges its cached KEKs.
 
 mod credentials;
-mod said;
+use super::said;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
