@@ -175,8 +175,10 @@ async fn workload_identity_without_its_environment_is_named() {
 }
 
 /// Answers no vault gives (a proxy's HTML 403, an oversized body, an unwrapped KEK of the wrong
-/// length) are transient: a cold Decrypt is Unavailable, the cached KEKs stay and serve, Status
-/// stays healthy, and once the answers are right again the cold Decrypt succeeds.
+/// length, an API gateway's `{"statusCode": 401}`) and Key Vault's own 401 (a proxy dropped the
+/// bearer) are outages, never revocations: a cold Decrypt is Unavailable, the cached KEKs stay
+/// and serve, Status stays healthy, and once the answers are right again the cold Decrypt
+/// succeeds.
 #[tokio::test]
 async fn hostile_answers_are_transient_never_verdicts() {
     let dir = Dir::new();
@@ -188,7 +190,7 @@ async fn hostile_answers_are_transient_never_verdicts() {
     let seed = rand_bytes(32);
     let hot = encrypt(&mut c, &seed).await;
 
-    for mode in ["short-kek", "huge", "proxy-403"] {
+    for mode in ["short-kek", "huge", "proxy-403", "gateway-401", "kv-401"] {
         kv.admin(&["hostile", mode]);
         let err = decrypt(&mut c, &cold).await.unwrap_err();
         assert_eq!(err.code(), Code::Unavailable, "{mode}: {err:?}");
@@ -306,4 +308,64 @@ async fn a_reload_keeps_watching_the_versions_in_use() {
     })
     .await;
     plugin.stop().await;
+}
+
+/// Answers that echo the request (a vault quoting the KEK of a wrapKey or the blob of an
+/// unwrapKey, a token endpoint quoting the client secret, the signed assertion or the federated
+/// token) never bring what was sent into the plugin's log or `check`'s output.
+#[tokio::test]
+async fn echoed_requests_never_reach_the_logs() {
+    let dir = Dir::new();
+    let kv = KeyVault::start(&dir);
+    let config = kv.config(&dir, Auth::ClientSecret, "[probe]\ninterval = \"200ms\"");
+    let (_, cold) = cold_ciphertexts(&config, 1).await.remove(0);
+    let plugin = Plugin::start_traced(&config).await;
+    let mut c = plugin.client().await;
+    let v1 = status(&mut c).await.key_id;
+    let echoed = || -> Vec<Vec<u8>> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        std::fs::read_to_string(kv.file("echoed.txt"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| b64.decode(l).unwrap())
+            .collect()
+    };
+
+    kv.admin(&["hostile", "echo"]);
+    let err = decrypt(&mut c, &cold).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    // A new version: the plugin wraps a new KEK under it, and the vault echoes that KEK.
+    kv.admin(&["rotate"]);
+    eventually("a wrap under the new version to be echoed", || async {
+        echoed().iter().any(|v| v.len() == 32)
+    })
+    .await;
+    assert!(plugin.wait_log("azure wrapKey: HTTP 400").await, "{}", plugin.logs());
+    assert!(plugin.wait_log("azure unwrapKey: HTTP 400").await, "{}", plugin.logs());
+    kv.admin(&["hostile", "off"]);
+    let logs = plugin.stop_with_logs().await;
+    assert!(
+        !logs.contains("Invalid request body"),
+        "the answer's text is not logged"
+    );
+    crate::common::leaks::assert_no_leaks(&logs, &echoed());
+    assert!(!v1.is_empty());
+
+    // The token endpoint: each credential that sends a secret, through `check`.
+    kv.admin(&["hostile", "echo-token"]);
+    let before = echoed().len();
+    for auth in [Auth::ClientSecret, Auth::ClientCertificate, Auth::WorkloadIdentity] {
+        let out = Command::new(BIN)
+            .args(["check", "--config", kv.config(&dir, auth, "").to_str().unwrap()])
+            .env_remove("RUST_LOG")
+            .envs(kv.env(auth))
+            .output()
+            .unwrap();
+        let (ok, out) = outcome(&out);
+        assert!(!ok, "{out}");
+        assert!(out.contains("AADSTS900144"), "{auth:?}: {out}");
+        crate::common::leaks::assert_no_leaks(&out, &echoed());
+    }
+    assert_eq!(echoed().len(), before + 3, "each credential's secret was echoed");
 }

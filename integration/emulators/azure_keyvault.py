@@ -23,7 +23,14 @@ keys, and the admin subcommands change it from the outside:
   azure_keyvault.py serve --dir D --port P
   azure_keyvault.py admin --dir D rotate|disable|enable|expire [VERSION]|create NAME|deny|allow|counters
   azure_keyvault.py admin --dir D unwrap KID B64URL   (the administrator's unwrap, for tests)
-  azure_keyvault.py admin --dir D hostile short-kek|huge|proxy-403|off   (answers no vault gives)
+  azure_keyvault.py admin --dir D hostile MODE   (answers no vault gives; MODE off ends it):
+      short-kek, huge, proxy-403      a short unwrapped KEK, an oversized answer, a proxy's page
+      gateway-401                     an API gateway's `{"statusCode": 401}` before the vault
+      kv-401                          Key Vault's own 401 (AKV10000, as when a proxy drops the bearer)
+      echo                            wrapKey/unwrapKey fail echoing the request (JSON message,
+                                      then a text body); what was echoed goes to <dir>/echoed.txt
+      echo-token                      the token endpoint fails echoing the form (client secret or
+                                      assertion) in error_description; echoed.txt as above
 """
 
 import argparse
@@ -262,8 +269,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             f.write(token + "\n")
         return token
 
+    def echoed(self, values):
+        """Records what a hostile mode echoed (base64url, one a line), for the tests' log scans."""
+        with open(os.path.join(self.server.dir, "echoed.txt"), "a") as f:
+            for v in values:
+                f.write(b64u(v) + "\n")
+
     def token(self, data, tenant, body):
         form = dict(urllib.parse.parse_qsl(body.decode()))
+        if data.get("hostile") == "echo-token":
+            sent = [form[k] for k in ("client_secret", "client_assertion") if form.get(k)]
+            self.echoed([v.encode() for v in sent])
+            raise entra_error(400, "invalid_request", 900144, f"Malformed request: {body.decode()}")
         if tenant != data["tenant"]:
             raise entra_error(400, "invalid_request", 90002, f"Tenant '{tenant}' not found.")
         if form.get("grant_type") != "client_credentials":
@@ -352,6 +369,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise Reply(403, b"<html><body>403 Forbidden (a proxy's page)</body></html>")
         if hostile == "huge":
             raise Reply(200, {"kid": "x", "value": "AAAA", "padding": "x" * 100_000})
+        if hostile == "gateway-401":
+            raise Reply(401, {"statusCode": 401, "message": "Access denied due to invalid subscription key."})
+        if hostile == "kv-401":
+            raise kv_error(401, "Unauthorized", "AKV10000: Request is missing a Bearer or PoP token.")
         name, rest = parts[0], parts[1:]
         op = "get"
         if rest and rest[-1] in ("wrapkey", "unwrapkey"):
@@ -379,6 +400,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             alg, value = request["alg"], unb64u(request["value"])
         except Exception:
             raise kv_error(400, "BadParameter", "Invalid request body.")
+        if hostile == "echo":
+            # A server that quotes the request in its error: the KEK (wrapKey) or the blob.
+            self.echoed([value])
+            if op == "wrapkey":
+                raise kv_error(400, "BadParameter", f"Invalid request body: {body.decode()}")
+            raise Reply(400, f"Bad request: {body.decode()}".encode())
         now = time.time()
         # Key Vault refuses private-key operations on a disabled key (403, innererror KeyDisabled);
         # a public-key wrap with RSA stays allowed, as the service does. Expiry: the emulation's

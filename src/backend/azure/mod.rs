@@ -266,14 +266,15 @@ impl AzureBackend {
         }
     }
 
-    /// One SDK call under the call timeout.
+    /// One SDK call under the call timeout; `sent` (the KEK, the blob) is cut out of its errors.
     async fn timed<T>(
         &self,
         what: &str,
+        sent: &[&[u8]],
         call: impl std::future::Future<Output = azure_core::Result<T>>,
     ) -> Result<T, BackendError> {
         match tokio::time::timeout(self.call_timeout, call).await {
-            Ok(result) => result.map_err(|e| classify(&e, what)),
+            Ok(result) => result.map_err(|e| classify(&e, what, sent)),
             Err(_) => Err(BackendError::new(
                 ErrorKind::Transient,
                 format!("azure {what}: no answer within {:?}", self.call_timeout),
@@ -289,7 +290,7 @@ impl AzureBackend {
             ..Default::default()
         };
         let answer = self
-            .timed("get key", async {
+            .timed("get key", &[], async {
                 self.client.get_key(name, Some(options)).await?.into_model()
             })
             .await;
@@ -475,7 +476,7 @@ impl Backend for AzureBackend {
             ..Default::default()
         };
         let out = self
-            .timed("wrapKey", async {
+            .timed("wrapKey", &[&kek.expose()[..]], async {
                 self.client.wrap_key(name, params, Some(options)).await?.into_model()
             })
             .await?;
@@ -507,7 +508,7 @@ impl Backend for AzureBackend {
         }
         let params = self.parameters(blob.to_vec())?;
         let out = self
-            .timed("unwrapKey", async {
+            .timed("unwrapKey", &[blob], async {
                 self.client.unwrap_key(name, version, params, None).await?.into_model()
             })
             .await?;
