@@ -75,10 +75,11 @@ async fn managed_hsm_wraps_with_aes_key_wrap() {
 }
 
 /// After a rotation the old version keeps decrypting; once it is disabled its data is refused
-/// (FailedPrecondition) while the new version's still decrypts; re-enabled, it decrypts again;
-/// expired, it is refused again.
+/// (FailedPrecondition) while the new version's still decrypts; re-enabled, it decrypts again.
+/// Expired, it still decrypts (Key Vault's exp binds wrapping only), and its cached KEK stays;
+/// so does the current version's once it expires, which only stops new wraps.
 #[tokio::test]
-async fn old_versions_decrypt_until_disabled_or_expired() {
+async fn old_versions_decrypt_until_disabled_even_expired() {
     let dir = Dir::new();
     let kv = KeyVault::start(&dir);
     let config = kv.config(&dir, Auth::ClientSecret, "[probe]\ninterval = \"200ms\"");
@@ -129,11 +130,44 @@ async fn old_versions_decrypt_until_disabled_or_expired() {
     assert_eq!(opened, s1);
 
     kv.admin(&["expire", &old]);
-    eventually("the expired version's data to be refused", || async {
-        decrypt(&mut c.clone(), &e1).await.err().map(|s| s.code()) == Some(Code::FailedPrecondition)
+    let probes = plugin.backend_calls("probe").await;
+    eventually("three more probes", || async {
+        plugin.backend_calls("probe").await >= probes + 3
+    })
+    .await;
+    assert_eq!(
+        decrypt(&mut c, &e1).await.unwrap(),
+        s1,
+        "an expired version still decrypts"
+    );
+    assert_eq!(plugin.metric("kms_plugin_kek_cache_size ").await, 2.0, "nothing purged");
+
+    // The current version expires: its data still decrypts, cold too (unwrapKey is allowed),
+    // nothing is purged.
+    kv.admin(&["expire"]);
+    let probes = plugin.backend_calls("probe").await;
+    eventually("three more probes", || async {
+        plugin.backend_calls("probe").await >= probes + 3
     })
     .await;
     assert_eq!(decrypt(&mut c, &e2).await.unwrap(), s2);
+    assert_eq!(plugin.metric("kms_plugin_kek_cache_size ").await, 2.0, "nothing purged");
+    plugin.stop().await;
+    // A plugin started now makes no KEK (Status fails: nothing can be wrapped), yet decrypts.
+    let socket = dir.socket();
+    let plugin = Plugin::spawn(&["serve", "--config", config.to_str().unwrap()], &socket);
+    let opened = eventually_some("a cold unwrap under the expired version", || async {
+        decrypt(&mut plugin.try_client().await.ok()?, &e2).await.ok()
+    })
+    .await;
+    assert_eq!(opened, s2);
+    let mut c = plugin.client().await;
+    assert_eq!(decrypt(&mut c, &e1).await.unwrap(), s1);
+    assert!(
+        plugin.logs().contains("has expired (exp): it still decrypts"),
+        "{}",
+        plugin.logs()
+    );
     plugin.stop().await;
 }
 
@@ -368,4 +402,26 @@ async fn echoed_requests_never_reach_the_logs() {
         crate::common::leaks::assert_no_leaks(&out, &echoed());
     }
     assert_eq!(echoed().len(), before + 3, "each credential's secret was echoed");
+}
+
+/// Key Vault's identifiers are case-insensitive, so a key_id with the version upper-cased would
+/// unwrap the same blob: such aliases are no key_id of this plugin (NotFound, no backend call),
+/// so they never enter the versions the probe watches.
+#[tokio::test]
+async fn a_version_alias_is_not_a_key_id() {
+    let dir = Dir::new();
+    let kv = KeyVault::start(&dir);
+    let config = kv.config(&dir, Auth::ClientSecret, "");
+    let (seed, cold) = cold_ciphertexts(&config, 1).await.remove(0);
+    let plugin = Plugin::start(&config).await;
+    let mut c = plugin.client().await;
+    let (prefix, version) = cold.key_id.rsplit_once('/').unwrap();
+    let mut alias = cold.clone();
+    alias.key_id = format!("{prefix}/{}", version.to_uppercase());
+    assert_ne!(alias.key_id, cold.key_id);
+    let err = decrypt(&mut c, &alias).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert_eq!(plugin.backend_calls("unwrap").await, 0);
+    assert_eq!(decrypt(&mut c, &cold).await.unwrap(), seed);
+    plugin.stop().await;
 }

@@ -408,13 +408,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise Reply(400, f"Bad request: {body.decode()}".encode())
         now = time.time()
         # Key Vault refuses private-key operations on a disabled key (403, innererror KeyDisabled);
-        # a public-key wrap with RSA stays allowed, as the service does. Expiry: the emulation's
-        # guess of the shape (403 with innererror KeyExpired / KeyNotYetValid).
+        # a public-key wrap with RSA stays allowed, as the service does. Expiry and not-before
+        # bind encrypt and wrap only (the service still decrypts and unwraps with an expired
+        # key); the shape of that refusal (403 with innererror KeyExpired) is the emulation's
+        # guess.
         private = op == "unwrapkey" or found["kty"] != "RSA"
         if private and not found["enabled"]:
             raise kv_error(403, "Forbidden", f"Operation {op[:-3]}Key is not allowed on a disabled key.", "KeyDisabled")
-        if private and found.get("exp") and found["exp"] < now:
-            raise kv_error(403, "Forbidden", f"Operation {op[:-3]}Key is not allowed on an expired key.", "KeyExpired")
+        if op == "wrapkey" and found.get("exp") and found["exp"] < now:
+            raise kv_error(403, "Forbidden", "Operation wrapKey is not allowed on an expired key.", "KeyExpired")
         if found["kty"] == "RSA":
             if alg != "RSA-OAEP-256":
                 raise kv_error(400, "BadParameter", f"Algorithm {alg} is not supported for this key.")
