@@ -5,7 +5,9 @@
 //!   identity.
 //! - `workload_identity`: AKS workload identity, a federated service-account token; tenant,
 //!   client id and token file default to `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`,
-//!   `AZURE_FEDERATED_TOKEN_FILE`, which the AKS webhook sets. The SDK rereads the file.
+//!   `AZURE_FEDERATED_TOKEN_FILE`, which the AKS webhook sets. The SDK rereads the file itself,
+//!   whole (no size cap, none of [`crate::secret_file`]'s ownership checks): it is the kubelet's
+//!   projected token, trusted as the node's own.
 //! - `client_secret`: an app registration's secret, read from `client_secret_file` (a secret
 //!   file: owner-only mode, safe directories) when the backend is built; a reload rereads it.
 //! - `client_certificate`: an app registration's certificate; the plugin signs the client
@@ -163,6 +165,8 @@ impl AuthSettings {
             }
             "client_secret" => {
                 let path = self.client_secret_file.as_deref().unwrap_or(Path::new(""));
+                // The file's bytes are wiped on drop; the one copy left is the SDK's `Secret`,
+                // which lives as long as the credential and is not zeroized (the SDK's type).
                 let secret = read_secret(path, "client_secret_file")?;
                 let secret = std::str::from_utf8(&secret)
                     .map_err(|_| "backend.auth.client_secret_file: not UTF-8".to_string())?
