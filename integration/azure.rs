@@ -425,3 +425,36 @@ async fn a_version_alias_is_not_a_key_id() {
     assert_eq!(decrypt(&mut c, &cold).await.unwrap(), seed);
     plugin.stop().await;
 }
+
+/// Entra ID refusing the credential (here a wrong client secret, 401 invalid_client) is the
+/// plugin's set-up to fix, not a verdict on the key: a cold Decrypt is Unavailable, never
+/// PermissionDenied (which the core treats as a revocation), and heals once the secret is right.
+#[tokio::test]
+async fn a_refused_credential_is_set_up_never_a_revocation() {
+    let dir = Dir::new();
+    let kv = KeyVault::start(&dir);
+    let config = kv.config(&dir, Auth::ClientSecret, "[probe]\ninterval = \"200ms\"");
+    let (seed, cold) = cold_ciphertexts(&config, 1).await.remove(0);
+    let right = std::fs::read(kv.file("client-secret")).unwrap();
+    std::fs::write(kv.file("client-secret"), format!("cs~wrong-{}", rand_hex(16))).unwrap();
+    let socket = dir.socket();
+    let plugin = Plugin::spawn(&["serve", "--config", config.to_str().unwrap()], &socket);
+    let err = eventually_some("the socket to answer", || async {
+        decrypt(&mut plugin.try_client().await.ok()?, &cold).await.err()
+    })
+    .await;
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        plugin
+            .wait_log("getting a token: HTTP 401 invalid_client AADSTS7000215")
+            .await,
+        "{}",
+        plugin.logs()
+    );
+    plugin.stop().await;
+    std::fs::write(kv.file("client-secret"), right).unwrap();
+    let plugin = Plugin::start(&config).await;
+    let mut c = plugin.client().await;
+    assert_eq!(decrypt(&mut c, &cold).await.unwrap(), seed);
+    plugin.stop().await;
+}
