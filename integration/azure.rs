@@ -458,3 +458,49 @@ async fn a_refused_credential_is_set_up_never_a_revocation() {
     assert_eq!(decrypt(&mut c, &cold).await.unwrap(), seed);
     plugin.stop().await;
 }
+
+/// The probe stays well within the core's 10 s limit however many older versions are watched
+/// and however slowly the vault answers for them: with ten versions used and every get of an
+/// older one hanging past the call timeout, probes still succeed, each within 8 s.
+#[tokio::test]
+async fn the_probe_is_bounded_with_many_slow_older_versions() {
+    let dir = Dir::new();
+    let kv = KeyVault::start(&dir);
+    let config = kv.config(&dir, Auth::ClientSecret, "[probe]\ninterval = \"200ms\"");
+    let plugin = Plugin::start(&config).await;
+    let c = plugin.client().await;
+    let mut current = crate::suite::try_status(&c).await.unwrap().key_id;
+    for _ in 0..9 {
+        kv.admin(&["rotate"]);
+        let before = current.clone();
+        current = eventually_some("the new version to be current", || async {
+            crate::suite::try_status(&c)
+                .await
+                .ok()
+                .map(|s| s.key_id)
+                .filter(|k| *k != before)
+        })
+        .await;
+    }
+    kv.admin(&["hostile", "slow-older"]);
+    let probes_ok = |logs: &str| -> Vec<u64> {
+        logs.lines()
+            .filter(|l| l.contains("op=\"probe\" ok=true"))
+            .filter_map(|l| l.split("elapsed_us=").nth(1)?.split_whitespace().next()?.parse().ok())
+            .collect()
+    };
+    let before = probes_ok(&plugin.logs()).len();
+    eventually("three probes to succeed with slow older versions", || async {
+        probes_ok(&plugin.logs()).len() >= before + 3
+    })
+    .await;
+    let slow = probes_ok(&plugin.logs())[before + 1..].to_vec();
+    assert!(slow.iter().all(|&us| us < 8_000_000), "probe times (µs): {slow:?}");
+    assert!(
+        slow.iter().any(|&us| us > 1_000_000),
+        "the older reads were slow: {slow:?}"
+    );
+    assert!(!plugin.logs().contains("probe timed out"), "{}", plugin.logs());
+    kv.admin(&["hostile", "off"]);
+    plugin.stop().await;
+}

@@ -31,6 +31,7 @@ keys, and the admin subcommands change it from the outside:
                                       then a text body); what was echoed goes to <dir>/echoed.txt
       echo-token                      the token endpoint fails echoing the form (client secret or
                                       assertion) in error_description; echoed.txt as above
+      slow-older                      a get of any version but the newest answers after 3 s
 """
 
 import argparse
@@ -228,6 +229,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         url = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(url.query))
+        self.delay(method, url.path)
         try:
             with State(self.server.dir) as s:
                 self.route(s.data, method, url.path, query, body)
@@ -235,6 +237,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send(r.status, r.body, r.headers)
         except Exception as e:  # an emulator bug must not look like a verdict
             self.send(500, {"error": {"code": "InternalError", "message": repr(e)}})
+
+    def delay(self, method, path):
+        """slow-older: waits (outside the state lock, so other requests go on) before answering
+        a get of an older version."""
+        with State(self.server.dir) as s:
+            data = s.data
+        parts = [p for p in path.split("/") if p]
+        if data.get("hostile") != "slow-older" or method != "GET" or len(parts) != 3 or parts[0] != "keys":
+            return
+        versions = data["keys"].get(parts[1]) or []
+        if versions and parts[2] != versions[-1]["version"]:
+            time.sleep(3)
 
     def send(self, status, body, headers=None):
         raw = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else b""
