@@ -23,7 +23,15 @@ keys, and the admin subcommands change it from the outside:
   azure_keyvault.py serve --dir D --port P
   azure_keyvault.py admin --dir D rotate|disable|enable|expire [VERSION]|create NAME|deny|allow|counters
   azure_keyvault.py admin --dir D unwrap KID B64URL   (the administrator's unwrap, for tests)
-  azure_keyvault.py admin --dir D hostile short-kek|huge|proxy-403|off   (answers no vault gives)
+  azure_keyvault.py admin --dir D hostile MODE   (answers no vault gives; MODE off ends it):
+      short-kek, huge, proxy-403      a short unwrapped KEK, an oversized answer, a proxy's page
+      gateway-401                     an API gateway's `{"statusCode": 401}` before the vault
+      kv-401                          Key Vault's own 401 (AKV10000, as when a proxy drops the bearer)
+      echo                            wrapKey/unwrapKey fail echoing the request (JSON message,
+                                      then a text body); what was echoed goes to <dir>/echoed.txt
+      echo-token                      the token endpoint fails echoing the form (client secret or
+                                      assertion) in error_description; echoed.txt as above
+      slow-older                      a get of any version but the newest answers after 3 s
 """
 
 import argparse
@@ -221,6 +229,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         url = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(url.query))
+        self.delay(method, url.path)
         try:
             with State(self.server.dir) as s:
                 self.route(s.data, method, url.path, query, body)
@@ -228,6 +237,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send(r.status, r.body, r.headers)
         except Exception as e:  # an emulator bug must not look like a verdict
             self.send(500, {"error": {"code": "InternalError", "message": repr(e)}})
+
+    def delay(self, method, path):
+        """slow-older: waits (outside the state lock, so other requests go on) before answering
+        a get of an older version."""
+        with State(self.server.dir) as s:
+            data = s.data
+        parts = [p for p in path.split("/") if p]
+        if data.get("hostile") != "slow-older" or method != "GET" or len(parts) != 3 or parts[0] != "keys":
+            return
+        versions = data["keys"].get(parts[1]) or []
+        if versions and parts[2] != versions[-1]["version"]:
+            time.sleep(3)
 
     def send(self, status, body, headers=None):
         raw = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else b""
@@ -262,8 +283,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             f.write(token + "\n")
         return token
 
+    def echoed(self, values):
+        """Records what a hostile mode echoed (base64url, one a line), for the tests' log scans."""
+        with open(os.path.join(self.server.dir, "echoed.txt"), "a") as f:
+            for v in values:
+                f.write(b64u(v) + "\n")
+
     def token(self, data, tenant, body):
         form = dict(urllib.parse.parse_qsl(body.decode()))
+        if data.get("hostile") == "echo-token":
+            sent = [form[k] for k in ("client_secret", "client_assertion") if form.get(k)]
+            self.echoed([v.encode() for v in sent])
+            raise entra_error(400, "invalid_request", 900144, f"Malformed request: {body.decode()}")
         if tenant != data["tenant"]:
             raise entra_error(400, "invalid_request", 90002, f"Tenant '{tenant}' not found.")
         if form.get("grant_type") != "client_credentials":
@@ -352,6 +383,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise Reply(403, b"<html><body>403 Forbidden (a proxy's page)</body></html>")
         if hostile == "huge":
             raise Reply(200, {"kid": "x", "value": "AAAA", "padding": "x" * 100_000})
+        if hostile == "gateway-401":
+            raise Reply(401, {"statusCode": 401, "message": "Access denied due to invalid subscription key."})
+        if hostile == "kv-401":
+            raise kv_error(401, "Unauthorized", "AKV10000: Request is missing a Bearer or PoP token.")
         name, rest = parts[0], parts[1:]
         op = "get"
         if rest and rest[-1] in ("wrapkey", "unwrapkey"):
@@ -379,15 +414,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
             alg, value = request["alg"], unb64u(request["value"])
         except Exception:
             raise kv_error(400, "BadParameter", "Invalid request body.")
+        if hostile == "echo":
+            # A server that quotes the request in its error: the KEK (wrapKey) or the blob.
+            self.echoed([value])
+            if op == "wrapkey":
+                raise kv_error(400, "BadParameter", f"Invalid request body: {body.decode()}")
+            raise Reply(400, f"Bad request: {body.decode()}".encode())
         now = time.time()
         # Key Vault refuses private-key operations on a disabled key (403, innererror KeyDisabled);
-        # a public-key wrap with RSA stays allowed, as the service does. Expiry: the emulation's
-        # guess of the shape (403 with innererror KeyExpired / KeyNotYetValid).
+        # a public-key wrap with RSA stays allowed, as the service does. Expiry and not-before
+        # bind encrypt and wrap only (the service still decrypts and unwraps with an expired
+        # key); the shape of that refusal (403 with innererror KeyExpired) is the emulation's
+        # guess.
         private = op == "unwrapkey" or found["kty"] != "RSA"
         if private and not found["enabled"]:
             raise kv_error(403, "Forbidden", f"Operation {op[:-3]}Key is not allowed on a disabled key.", "KeyDisabled")
-        if private and found.get("exp") and found["exp"] < now:
-            raise kv_error(403, "Forbidden", f"Operation {op[:-3]}Key is not allowed on an expired key.", "KeyExpired")
+        if op == "wrapkey" and found.get("exp") and found["exp"] < now:
+            raise kv_error(403, "Forbidden", "Operation wrapKey is not allowed on an expired key.", "KeyExpired")
         if found["kty"] == "RSA":
             if alg != "RSA-OAEP-256":
                 raise kv_error(400, "BadParameter", f"Algorithm {alg} is not supported for this key.")

@@ -22,6 +22,8 @@ pub mod local;
 pub mod pkcs11;
 pub mod refused;
 pub mod registry;
+#[cfg(any(feature = "gcp", feature = "azure"))]
+pub mod said;
 pub mod tls;
 pub mod vault;
 

@@ -5,7 +5,10 @@
 //!   identity.
 //! - `workload_identity`: AKS workload identity, a federated service-account token; tenant,
 //!   client id and token file default to `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`,
-//!   `AZURE_FEDERATED_TOKEN_FILE`, which the AKS webhook sets. The SDK rereads the file.
+//!   `AZURE_FEDERATED_TOKEN_FILE`, which the AKS webhook sets. The plugin reads the file itself
+//!   (a regular file, capped like every file it reads, [`crate::secret_file::read_capped`]) each
+//!   time it needs a token, so the kubelet's refreshed token is picked up; it is sent as the
+//!   client assertion.
 //! - `client_secret`: an app registration's secret, read from `client_secret_file` (a secret
 //!   file: owner-only mode, safe directories) when the backend is built; a reload rereads it.
 //! - `client_certificate`: an app registration's certificate; the plugin signs the client
@@ -24,7 +27,6 @@ use azure_core::http::{ClientMethodOptions, ClientOptions};
 use azure_identity::{
     ClientAssertion, ClientAssertionCredential, ClientAssertionCredentialOptions, ClientSecretCredential,
     ClientSecretCredentialOptions, ManagedIdentityCredential, ManagedIdentityCredentialOptions, UserAssignedId,
-    WorkloadIdentityCredential, WorkloadIdentityCredentialOptions,
 };
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
@@ -59,8 +61,8 @@ pub struct AuthSettings {
 }
 
 impl AuthSettings {
-    /// The files these settings name (a workload identity token file given by the environment
-    /// is read by the SDK itself, every ten minutes).
+    /// The files these settings name (a workload identity token file, named here or by the
+    /// environment, is reread for each token anyway).
     pub fn files(&self) -> Vec<PathBuf> {
         [
             &self.client_secret_file,
@@ -150,19 +152,34 @@ impl AuthSettings {
                 ManagedIdentityCredential::new(Some(o)).map_err(sdk)?
             }
             "workload_identity" => {
-                let o = WorkloadIdentityCredentialOptions {
-                    credential_options: ClientAssertionCredentialOptions {
-                        client_options: options,
-                    },
-                    tenant_id: self.tenant_id.clone(),
-                    client_id: self.client_id.clone(),
-                    token_file_path: self.token_file.clone(),
-                    ..Default::default()
+                // What the SDK's WorkloadIdentityCredential does, with the token file read by the
+                // plugin (capped) instead of whole by the SDK.
+                let from_env = |set: &Option<String>, var: &str, what: &str| {
+                    set.clone()
+                        .or_else(|| std::env::var(var).ok().filter(|v| !v.is_empty()))
+                        .ok_or_else(|| {
+                            format!(
+                                "backend.auth (workload_identity): no {what} specified: set {var} (the AKS webhook does) or backend.auth's field"
+                            )
+                        })
                 };
-                WorkloadIdentityCredential::new(Some(o)).map_err(sdk)?
+                let tenant = from_env(&self.tenant_id, "AZURE_TENANT_ID", "tenant id")?;
+                let client_id = from_env(&self.client_id, "AZURE_CLIENT_ID", "client id")?;
+                let path = match &self.token_file {
+                    Some(path) => path.clone(),
+                    None => PathBuf::from(from_env(&None, "AZURE_FEDERATED_TOKEN_FILE", "token file")?),
+                };
+                // Read once now, so a missing or oversized file is named by `check` and at start.
+                FederatedToken::read(&path)?;
+                let o = ClientAssertionCredentialOptions {
+                    client_options: options,
+                };
+                ClientAssertionCredential::new(tenant, client_id, FederatedToken { path }, Some(o)).map_err(sdk)?
             }
             "client_secret" => {
                 let path = self.client_secret_file.as_deref().unwrap_or(Path::new(""));
+                // The file's bytes are wiped on drop; the one copy left is the SDK's `Secret`,
+                // which lives as long as the credential and is not zeroized (the SDK's type).
                 let secret = read_secret(path, "client_secret_file")?;
                 let secret = std::str::from_utf8(&secret)
                     .map_err(|_| "backend.auth.client_secret_file: not UTF-8".to_string())?
@@ -201,6 +218,38 @@ impl AuthSettings {
                 ClientAssertionCredential::new(tenant, need(&self.client_id), assertion, Some(o)).map_err(sdk)?
             }
         })
+    }
+}
+
+/// Workload identity's federated token (the kubelet's projected service-account token), read
+/// from its file for each token request.
+#[derive(Debug)]
+struct FederatedToken {
+    path: PathBuf,
+}
+
+impl FederatedToken {
+    fn read(path: &Path) -> Result<String, String> {
+        let bytes = Zeroizing::new(crate::secret_file::read_capped("backend.auth.token_file", path)?);
+        let token = std::str::from_utf8(&bytes)
+            .map_err(|_| format!("backend.auth.token_file {}: not UTF-8", path.display()))?
+            .trim();
+        if token.is_empty() {
+            return Err(format!("backend.auth.token_file {}: is empty", path.display()));
+        }
+        Ok(token.to_string())
+    }
+}
+
+#[async_trait]
+impl ClientAssertion for FederatedToken {
+    async fn secret(&self, _: Option<ClientMethodOptions<'_>>) -> azure_core::Result<String> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || Self::read(&path))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+            .map_err(|e| azure_core::Error::with_message(azure_core::error::ErrorKind::Credential, e))
     }
 }
 
@@ -321,6 +370,20 @@ mod tests {
             token_file: None,
             authority_host: None,
         }
+    }
+
+    #[test]
+    fn the_federated_token_file_is_read_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "eyJ.token.sig\n").unwrap();
+        assert_eq!(FederatedToken::read(&path).unwrap(), "eyJ.token.sig");
+        let huge = vec![b'a'; crate::secret_file::MAX_FILE_BYTES as usize + 1];
+        std::fs::write(&path, huge).unwrap();
+        let e = FederatedToken::read(&path).unwrap_err();
+        assert!(e.contains("backend.auth.token_file"), "{e}");
+        std::fs::write(&path, " \n").unwrap();
+        assert!(FederatedToken::read(&path).unwrap_err().contains("is empty"));
     }
 
     #[test]

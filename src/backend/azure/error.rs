@@ -1,14 +1,34 @@
-//! What an Azure SDK error means for the plugin. Only the status, Key Vault's error codes and a
-//! bounded, single-line message reach the log: never the raw answer (the SDK's `Debug` form
-//! carries it whole), never a token.
+//! What an Azure SDK error means for the plugin. Only the status, the service's error codes
+//! (Key Vault's `error.code` and `innererror.code`, Entra ID's `error` and `AADSTS` numbers) and,
+//! for failures without an answer, the SDK's own text reach the log: never the answer's free
+//! text (`error.message`, a non-JSON body, Entra ID's `error_description`), which a server, a
+//! proxy or a token endpoint could fill with what was sent (the KEK, the wrapped blob, the client
+//! secret or assertion). What was sent is also cut out of the whole detail in every encoding
+//! ([`crate::backend::said`]), and the SDK's `Debug` form, which carries the raw answer, is never
+//! printed.
+//!
+//! Only Key Vault's own 403 refusals (`ForbiddenByRbac`, `AccessDenied`, `Forbidden` without an
+//! inner code) are `Denied`, and only its key-state codes and `KeyNotFound` are `KeyUnusable`:
+//! both are authoritative (the core revokes the key). A token endpoint's refusal (an expired or
+//! wrong secret, a clock skew, an unknown managed identity), Key Vault's 401 (a token it does not
+//! take, or a proxy that dropped the `Authorization` header) and its firewall's 403 are set-up
+//! problems (`Configuration`), served from cache like an outage.
 
 use azure_core::error::ErrorKind as AzKind;
 
+use crate::backend::said::said;
 use crate::backend::{BackendError, ErrorKind};
 
 /// Inner error codes with which Key Vault refuses an operation on a key version that cannot be
 /// used (disabled, expired, not yet valid): a verdict on the key, not on the caller.
 const KEY_STATE_CODES: [&str; 3] = ["KeyDisabled", "KeyExpired", "KeyNotYetValid"];
+
+/// Inner codes of Key Vault's 403 that mean the caller's identity is refused the key.
+const DENIED_CODES: [&str; 2] = ["ForbiddenByRbac", "AccessDenied"];
+
+/// Entra ID's "client assertion is not within its valid time range" (a clock skew, an expired
+/// federated token): transient, the next token file or a fixed clock heals it.
+const AADSTS_TIME_RANGE: &str = "700024";
 
 /// An HTTP answer's status and codes, as far as they could be read.
 pub struct Answer {
@@ -17,10 +37,15 @@ pub struct Answer {
     pub code: String,
     /// `error.innererror.code` (`KeyDisabled`, `ForbiddenByRbac`, `AccessDenied` …).
     pub inner: String,
-    /// The body is the service's own error JSON (Key Vault's `{"error": {"code": …}}`, Entra
-    /// ID's `{"error": "invalid_client", …}`, a managed-identity endpoint's), not a proxy's page:
-    /// only such an answer is a verdict.
+    /// Entra ID's `error_codes` (the AADSTS numbers), comma-separated.
+    pub aadsts: String,
+    /// The body is Key Vault's error JSON, `{"error": {"code": "…"}}` with a string code. A bare
+    /// `{"statusCode": …}` (an API gateway's) or a proxy's page is not: only the service's own
+    /// answer is a verdict.
     pub official: bool,
+    /// The body is a token endpoint's error JSON (Entra ID's or a managed-identity endpoint's
+    /// `{"error": "invalid_client", …}`), or Key Vault's form.
+    pub token_body: bool,
 }
 
 /// At most `max` characters of `text` on one line.
@@ -29,6 +54,20 @@ pub fn bounded(text: &str, max: usize) -> String {
         .map(|c| if c.is_control() { ' ' } else { c })
         .take(max)
         .collect()
+}
+
+/// An error code as the services spell them (`ForbiddenByRbac`, `invalid_client`): short, letters,
+/// digits, `_` and `.`. Anything else (an echo of what was sent, a token) is not printed.
+fn code(text: &str) -> String {
+    if text.len() <= 40
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+    {
+        text.to_string()
+    } else {
+        "(unreadable code)".to_string()
+    }
 }
 
 /// The answer inside `e`, if `e` is an HTTP error (the credential's errors wrap theirs).
@@ -45,18 +84,31 @@ fn answer(e: &azure_core::Error) -> Option<Answer> {
                 .and_then(|raw| serde_json::from_slice(raw.body().as_ref()).ok())
                 .unwrap_or_default();
             let error = &body["error"];
-            let (code, inner) = match error {
+            let (code_text, inner) = match error {
                 serde_json::Value::String(code) => (code.as_str(), ""),
                 _ => (
                     error["code"].as_str().unwrap_or_default(),
                     error["innererror"]["code"].as_str().unwrap_or_default(),
                 ),
             };
+            let aadsts: Vec<String> = body["error_codes"]
+                .as_array()
+                .map(|codes| {
+                    codes
+                        .iter()
+                        .filter_map(serde_json::Value::as_u64)
+                        .take(4)
+                        .map(|n| n.to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
             return Some(Answer {
                 status: u16::from(*status),
-                code: bounded(code, 64),
-                inner: bounded(inner, 64),
-                official: !code.is_empty() || body["statusCode"].is_number(),
+                code: code(code_text),
+                inner: code(inner),
+                aadsts: aadsts.join(","),
+                official: error.is_object() && !code_text.is_empty(),
+                token_body: !code_text.is_empty(),
             });
         }
         current = current.source()?;
@@ -87,25 +139,56 @@ fn is_network(e: &azure_core::Error) -> bool {
     has_kind(e, |k| matches!(k, AzKind::Connection | AzKind::Io))
 }
 
+/// The status and codes of an answer, for the log.
+fn codes(a: &Answer) -> String {
+    let mut out = format!("HTTP {}", a.status);
+    if !a.code.is_empty() {
+        out = format!("{out} {}", a.code);
+    }
+    if !a.inner.is_empty() {
+        out = format!("{out} ({})", a.inner);
+    }
+    if !a.aadsts.is_empty() {
+        out = format!("{out} AADSTS{}", a.aadsts);
+    }
+    if !a.official && !a.token_body {
+        out.push_str(" (not the service's error body)");
+    }
+    out
+}
+
 /// Maps an SDK error from `what` (`get key`, `wrapKey`, `unwrapKey`) to the plugin's kinds.
+/// `sent` is what the request carried (the KEK, the wrapped blob): cut out of the detail.
 /// `unwrapKey` answered 400 is the blob's fault (it does not decrypt under that version).
-pub fn classify(e: &azure_core::Error, what: &str) -> BackendError {
-    let text = bounded(&crate::backend::tls::error_chain(e), 400);
+pub fn classify(e: &azure_core::Error, what: &str, sent: &[&[u8]]) -> BackendError {
+    // The SDK's text, read only when there is no answer (a connection, TLS or parsing failure,
+    // a missing setting): then it is the SDK's or the OS's words, not the server's.
+    let text = || crate::backend::tls::error_chain(e);
+    let make = |kind, detail: String| BackendError::new(kind, said(&detail, sent));
     if is_credential(e) {
-        let kind = match answer(e).map(|a| (a.status, a.official)) {
-            // Entra ID refused the credential (a wrong or expired secret, an unknown app, a
-            // certificate it does not know): the plugin's identity is refused.
-            Some((400 | 401 | 403, true)) => ErrorKind::Denied,
-            Some(_) => ErrorKind::Transient,
+        let (kind, detail) = match answer(e) {
+            // The token endpoint refused (a wrong or expired secret, an unknown app or managed
+            // identity, a certificate it does not know): the set-up to fix, not a verdict on
+            // the key. A clock skew or an expired federated token heals by itself.
+            Some(a)
+                if a.token_body
+                    && (400..500).contains(&a.status)
+                    && a.aadsts.split(',').any(|c| c == AADSTS_TIME_RANGE) =>
+            {
+                (ErrorKind::Transient, codes(&a))
+            }
+            Some(a) if a.token_body && matches!(a.status, 400 | 401 | 403) => (ErrorKind::Configuration, codes(&a)),
+            Some(a) => (ErrorKind::Transient, codes(&a)),
             // No answer: unreachable endpoint, or nothing to authenticate with (a missing
             // token file or environment variable).
-            None if is_network(e) && crate::backend::tls::is_tls_refusal(e) => ErrorKind::Configuration,
-            None if is_network(e) => ErrorKind::Transient,
-            None => ErrorKind::Configuration,
+            None if is_network(e) && crate::backend::tls::is_tls_refusal(e) => (ErrorKind::Configuration, text()),
+            None if is_network(e) => (ErrorKind::Transient, text()),
+            None => (ErrorKind::Configuration, text()),
         };
-        return BackendError::new(kind, format!("azure {what}: getting a token: {text}"));
+        return make(kind, format!("azure {what}: getting a token: {detail}"));
     }
     let Some(a) = answer(e) else {
+        let text = text();
         let kind = match e.kind() {
             AzKind::Connection | AzKind::Io if crate::backend::tls::is_tls_refusal(e) => ErrorKind::Configuration,
             AzKind::Connection | AzKind::Io => ErrorKind::Transient,
@@ -116,27 +199,29 @@ pub fn classify(e: &azure_core::Error, what: &str) -> BackendError {
             _ if text.contains("challenge") => ErrorKind::Configuration,
             _ => ErrorKind::Transient,
         };
-        return BackendError::new(kind, format!("azure {what}: {text}"));
+        return make(kind, format!("azure {what}: {text}"));
     };
     let kind = match (a.status, a.code.as_str(), a.inner.as_str()) {
         // Not Key Vault's own error body (a proxy's or gateway's page): nothing about the key.
         _ if !a.official => ErrorKind::Transient,
+        // Expiry and not-before bind encrypt and wrap only: the version still decrypts, so a
+        // wrap refused for them must not revoke it.
+        (403, _, "KeyExpired" | "KeyNotYetValid") if what == "wrapKey" => ErrorKind::Configuration,
         (403, _, inner) if KEY_STATE_CODES.contains(&inner) => ErrorKind::KeyUnusable,
-        // Key Vault's own 401 after the challenge: the token's identity or audience is refused.
-        (401 | 403, _, _) => ErrorKind::Denied,
+        // The vault's identity-based refusals: the plugin's identity may not use the key.
+        (403, _, inner) if DENIED_CODES.contains(&inner) => ErrorKind::Denied,
+        (403, "Forbidden", "") => ErrorKind::Denied,
+        // The vault's network rules (ForbiddenByFirewall), or a 403 we do not know: a set-up
+        // to fix, never a revocation.
+        (403, _, _) => ErrorKind::Configuration,
+        // Key Vault's own 401 after the challenge: a token it does not take (audience, tenant),
+        // or the bearer stripped on the way. The set-up, not the key.
+        (401, _, _) => ErrorKind::Configuration,
         (404, "KeyNotFound", _) => ErrorKind::KeyUnusable,
         (400, _, _) if what == "unwrapKey" => ErrorKind::BadWrappedKey,
         _ => ErrorKind::Transient,
     };
-    let inner = if a.inner.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", a.inner)
-    };
-    BackendError::new(
-        kind,
-        format!("azure {what}: HTTP {} {}{inner}: {text}", a.status, a.code),
-    )
+    make(kind, format!("azure {what}: {}", codes(&a)))
 }
 
 #[cfg(test)]
@@ -161,14 +246,21 @@ mod tests {
     fn key_vault_answers_map_to_kinds() {
         let disabled = r#"{"error":{"code":"Forbidden","message":"Operation unwrapKey is not allowed on a disabled key.","innererror":{"code":"KeyDisabled"}}}"#;
         let rbac = r#"{"error":{"code":"Forbidden","message":"Caller is not authorized","innererror":{"code":"ForbiddenByRbac"}}}"#;
+        let policy = r#"{"error":{"code":"Forbidden","message":"The user, group or application does not have keys get permission"}}"#;
+        let firewall = r#"{"error":{"code":"Forbidden","message":"Client address is not authorized","innererror":{"code":"ForbiddenByFirewall"}}}"#;
         let gone = r#"{"error":{"code":"KeyNotFound","message":"A key with (name/id) k was not found"}}"#;
         let bad = r#"{"error":{"code":"BadParameter","message":"Error occurred while decrypting the data."}}"#;
-        let kind = |e: azure_core::Error, what: &str| classify(&e, what).kind;
+        let kind = |e: azure_core::Error, what: &str| classify(&e, what, &[]).kind;
         assert_eq!(
             kind(http(StatusCode::Forbidden, disabled), "unwrapKey"),
             ErrorKind::KeyUnusable
         );
         assert_eq!(kind(http(StatusCode::Forbidden, rbac), "get key"), ErrorKind::Denied);
+        assert_eq!(kind(http(StatusCode::Forbidden, policy), "get key"), ErrorKind::Denied);
+        assert_eq!(
+            kind(http(StatusCode::Forbidden, firewall), "get key"),
+            ErrorKind::Configuration
+        );
         assert_eq!(
             kind(http(StatusCode::NotFound, gone), "get key"),
             ErrorKind::KeyUnusable
@@ -191,20 +283,98 @@ mod tests {
             kind(http(StatusCode::ServiceUnavailable, ""), "get key"),
             ErrorKind::Transient
         );
-        let refused = azure_core::Error::with_error(
-            AzKind::Credential,
-            http(StatusCode::Unauthorized, r#"{"error":"invalid_client"}"#),
-            "ClientSecretCredential authentication failed.",
+    }
+
+    #[test]
+    fn only_the_vaults_own_refusals_are_authoritative() {
+        let kind = |e: azure_core::Error| classify(&e, "get key", &[]).kind;
+        // Key Vault's 401 (a proxy stripped the bearer, a token of another audience): set-up.
+        let missing =
+            r#"{"error":{"code":"Unauthorized","message":"AKV10000: Request is missing a Bearer or PoP token."}}"#;
+        assert_eq!(kind(http(StatusCode::Unauthorized, missing)), ErrorKind::Configuration);
+        // An API gateway's body with only a statusCode is not the vault's answer.
+        let gateway = r#"{"statusCode":403,"message":"Forbidden"}"#;
+        assert_eq!(kind(http(StatusCode::Forbidden, gateway)), ErrorKind::Transient);
+        let gateway = r#"{"statusCode":401,"message":"Access denied due to missing subscription key."}"#;
+        assert_eq!(kind(http(StatusCode::Unauthorized, gateway)), ErrorKind::Transient);
+        // An `error` that is a string is not Key Vault's form either.
+        assert_eq!(
+            kind(http(StatusCode::Forbidden, r#"{"error":"Forbidden"}"#)),
+            ErrorKind::Transient
         );
-        assert_eq!(kind(refused, "get key"), ErrorKind::Denied);
-        let gateway = azure_core::Error::with_error(
-            AzKind::Credential,
-            http(StatusCode::Forbidden, "<html>blocked</html>"),
-            "ClientSecretCredential authentication failed.",
+    }
+
+    #[test]
+    fn token_endpoint_refusals_are_set_up_never_revocations() {
+        let kind = |e: azure_core::Error| classify(&e, "get key", &[]).kind;
+        let credential = |status, body: &str| {
+            azure_core::Error::with_error(
+                AzKind::Credential,
+                http(status, body),
+                "ClientSecretCredential authentication failed.",
+            )
+        };
+        let refused = r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided.","error_codes":[7000215]}"#;
+        assert_eq!(
+            kind(credential(StatusCode::Unauthorized, refused)),
+            ErrorKind::Configuration
         );
-        assert_eq!(kind(gateway, "get key"), ErrorKind::Transient);
+        let skew = r#"{"error":"invalid_client","error_description":"AADSTS700024: Client assertion is not within its valid time range.","error_codes":[700024]}"#;
+        assert_eq!(kind(credential(StatusCode::BadRequest, skew)), ErrorKind::Transient);
+        let no_identity = r#"{"error":"invalid_request","error_description":"Identity not found"}"#;
+        assert_eq!(
+            kind(credential(StatusCode::BadRequest, no_identity)),
+            ErrorKind::Configuration
+        );
+        assert_eq!(
+            kind(credential(StatusCode::Forbidden, "<html>blocked</html>")),
+            ErrorKind::Transient
+        );
         let unset = azure_core::Error::with_message(AzKind::Credential, "no token file specified");
-        assert_eq!(kind(unset, "get key"), ErrorKind::Configuration);
+        assert_eq!(kind(unset), ErrorKind::Configuration);
+        let e = classify(&credential(StatusCode::Unauthorized, refused), "get key", &[]);
+        assert!(
+            e.detail.contains("HTTP 401 invalid_client AADSTS7000215"),
+            "{}",
+            e.detail
+        );
+    }
+
+    #[test]
+    fn echoed_requests_never_reach_the_detail() {
+        use base64::Engine;
+        let kek = [0x5au8; 32];
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(kek);
+        // The echo in the message, in a non-JSON body, in the code itself.
+        for body in [
+            format!(r#"{{"error":{{"code":"BadParameter","message":"bad {{\"value\":\"{b64}\"}}"}}}}"#),
+            format!(r#"{{"value":"{b64}"}}"#),
+            format!(r#"{{"error":{{"code":"{b64}"}}}}"#),
+            format!(r#"{{"error":{{"code":"{}"}}}}"#, hex::encode(kek)),
+        ] {
+            for what in ["wrapKey", "unwrapKey"] {
+                let e = classify(&http(StatusCode::BadRequest, &body), what, &[&kek]);
+                assert!(!e.detail.contains(&b64), "{}", e.detail);
+                assert!(!e.detail.contains(&hex::encode(kek)), "{}", e.detail);
+                assert!(!e.detail.contains("message"), "{}", e.detail);
+            }
+        }
+        // A token endpoint echoing the form (the client secret, an assertion) in its description.
+        let echo = r#"{"error":"invalid_request","error_description":"client_secret=cs~hunter2hunter2hunter2 client_assertion=eyJhbGciOi.x.y"}"#;
+        let e = classify(
+            &azure_core::Error::with_error(
+                AzKind::Credential,
+                http(StatusCode::BadRequest, echo),
+                "ClientSecretCredential authentication failed. client_secret=cs~hunter2hunter2hunter2",
+            ),
+            "get key",
+            &[],
+        );
+        assert!(
+            !e.detail.contains("hunter2") && !e.detail.contains("eyJ"),
+            "{}",
+            e.detail
+        );
     }
 
     #[test]
@@ -213,7 +383,7 @@ mod tests {
             r#"{{"error":{{"code":"Forbidden","message":"{}\nline"}}}}"#,
             "x".repeat(5000)
         );
-        let e = classify(&http(StatusCode::Forbidden, &long), "get key");
+        let e = classify(&http(StatusCode::Forbidden, &long), "get key", &[]);
         assert!(e.detail.len() < 600, "{}", e.detail.len());
         assert!(!e.detail.contains('\n'));
     }

@@ -8,10 +8,12 @@
 //! key_id = `{vault_url}/keys/{name}/{version}`, the version's `kid` on the configured vault URL:
 //! it names the vault, the key and the version. The probe gets the key (its newest version), so
 //! a new version (a manual rotation, or the vault's rotation policy) becomes current with no
-//! restart; it also gets each older version this process has used, and a version that two reads
-//! in a row found disabled, expired, not yet valid or deleted is refused (`FailedPrecondition`)
-//! and its cached KEKs purged. A 403 without such a key-state code is a permission refusal
-//! (`PermissionDenied`); throttling, 5xx and timeouts are transient.
+//! restart; it also gets the older versions this process has used (a bounded number per probe,
+//! round-robin), and a version that two reads in a row found disabled, deleted or without
+//! `unwrapKey` is refused (`FailedPrecondition`) and its cached KEKs purged. Expiry and
+//! not-before only stop wrapping, as in Key Vault: an expired current version fails the probe as
+//! a set-up error and its data keeps decrypting. Only Key Vault's own 403 refusing the identity
+//! is a permission refusal (`PermissionDenied`); see `error.rs` for the rest.
 
 mod auth;
 mod error;
@@ -43,8 +45,16 @@ use error::classify;
 /// (the SDK's default is a preview).
 const API_VERSION: &str = "7.5";
 
-/// Most older versions whose state each probe reads.
+/// Most key versions watched (the current one and older ones this process used).
 const MAX_WATCHED: usize = 32;
+
+/// Most older versions one probe reads, four at a time, round-robin over the watched ones: a
+/// probe must end well within the core's 10 s limit on a backend call.
+const PER_PROBE: usize = 8;
+
+/// The time a probe may take, reads of older versions included; those not read by then are read
+/// by the next probes.
+const PROBE_BUDGET: Duration = Duration::from_secs(7);
 
 /// `[backend]` with `type = "azure"`.
 #[derive(Debug, Clone, Deserialize)]
@@ -172,6 +182,8 @@ pub struct AzureBackend {
     current: Mutex<Option<String>>,
     /// By key_id: versions this process used, and what the probes read of them.
     versions: Mutex<HashMap<String, VersionState>>,
+    /// Where the next probe's round of older versions begins.
+    cursor: Mutex<usize>,
 }
 
 impl AzureBackend {
@@ -240,6 +252,7 @@ impl AzureBackend {
             call_timeout: s.call_timeout,
             current: Mutex::new(None),
             versions: Mutex::new(HashMap::new()),
+            cursor: Mutex::new(0),
         })
     }
 
@@ -266,14 +279,15 @@ impl AzureBackend {
         }
     }
 
-    /// One SDK call under the call timeout.
+    /// One SDK call under the call timeout; `sent` (the KEK, the blob) is cut out of its errors.
     async fn timed<T>(
         &self,
         what: &str,
+        sent: &[&[u8]],
         call: impl std::future::Future<Output = azure_core::Result<T>>,
     ) -> Result<T, BackendError> {
         match tokio::time::timeout(self.call_timeout, call).await {
-            Ok(result) => result.map_err(|e| classify(&e, what)),
+            Ok(result) => result.map_err(|e| classify(&e, what, sent)),
             Err(_) => Err(BackendError::new(
                 ErrorKind::Transient,
                 format!("azure {what}: no answer within {:?}", self.call_timeout),
@@ -282,18 +296,19 @@ impl AzureBackend {
     }
 
     /// Gets a key version (the newest with `version` None) and judges it; records authoritative
-    /// answers about it. Returns its key_id.
-    async fn read_key(&self, name: &str, version: Option<&str>) -> Result<String, BackendError> {
+    /// answers about whether it decrypts. Returns its key_id and whether it can wrap now
+    /// (`Err(why)`: expired, not yet valid, no wrapKey in its key_ops).
+    async fn read_key(&self, name: &str, version: Option<&str>) -> Result<(String, Result<(), String>), BackendError> {
         let options = KeyClientGetKeyOptions {
             key_version: version.map(str::to_string),
             ..Default::default()
         };
         let answer = self
-            .timed("get key", async {
+            .timed("get key", &[], async {
                 self.client.get_key(name, Some(options)).await?.into_model()
             })
             .await;
-        let (key_id, verdict) = match answer.and_then(|key| self.judge(name, version, &key)) {
+        let (key_id, verdict, can_wrap) = match answer.and_then(|key| self.judge(name, version, &key)) {
             Ok(judged) => judged,
             Err(e) => {
                 // Key Vault's "no such key" about one version is a verdict on that version.
@@ -304,7 +319,7 @@ impl AzureBackend {
             }
         };
         self.record(&key_id, verdict.as_ref().map(|_| ()).map_err(|e| e.detail.clone()));
-        verdict.map(|()| key_id)
+        verdict.map(|()| (key_id, can_wrap))
     }
 
     /// Records an authoritative reading of a version (bounded).
@@ -315,14 +330,22 @@ impl AzureBackend {
         }
     }
 
-    /// A key bundle's key_id, and whether that version can wrap and unwrap now. An answer
-    /// without what every key bundle has is transient, never a verdict.
+    /// A key bundle's key_id, whether that version can unwrap (the verdict recorded for older
+    /// versions), and whether it can wrap now. An answer without what every key bundle has is
+    /// transient, never a verdict.
+    ///
+    /// Key Vault applies `exp` and `nbf` to encrypt and wrap only: an expired version still
+    /// unwraps, so its data (and a rotation policy's older versions) stays readable, and a jump
+    /// of the local clock refuses nothing. A version is refused for decryption only when it is
+    /// disabled, of a type the algorithm cannot use, or lacks `unwrapKey` in its key_ops (and
+    /// when Key Vault says it no longer exists).
+    #[allow(clippy::type_complexity)]
     fn judge(
         &self,
         name: &str,
         asked: Option<&str>,
         key: &Key,
-    ) -> Result<(String, Result<(), BackendError>), BackendError> {
+    ) -> Result<(String, Result<(), BackendError>, Result<(), String>), BackendError> {
         let malformed =
             |why: &str| BackendError::new(ErrorKind::Transient, format!("azure get key: malformed answer ({why})"));
         let jwk = key.key.as_ref().ok_or_else(|| malformed("no key"))?;
@@ -344,24 +367,30 @@ impl AzureBackend {
             ))
         };
         let now = azure_core::time::OffsetDateTime::now_utc();
-        let ops = jwk.key_ops.as_deref().unwrap_or_default();
-        let missing_op = ["wrapKey", "unwrapKey"]
-            .into_iter()
-            .find(|op| jwk.key_ops.is_some() && !ops.iter().any(|o| o.eq_ignore_ascii_case(op)));
+        let lacks = |op: &str| {
+            jwk.key_ops
+                .as_deref()
+                .is_some_and(|ops| !ops.iter().any(|o| o.eq_ignore_ascii_case(op)))
+        };
         let verdict = if !self.algorithm.fits(kty) {
             unusable(format!("is of type {kty:?}, which cannot do {:?}", self.algorithm))
-        } else if let Some(op) = missing_op {
-            unusable(format!("does not allow {op} (key_ops)"))
+        } else if lacks("unwrapKey") {
+            unusable("does not allow unwrapKey (key_ops)".into())
         } else if attributes.enabled == Some(false) {
             unusable("is disabled".into())
-        } else if attributes.expires.is_some_and(|exp| exp <= now) {
-            unusable("has expired".into())
-        } else if attributes.not_before.is_some_and(|nbf| nbf > now) {
-            unusable("is not valid yet".into())
         } else {
             Ok(())
         };
-        Ok((key_id, verdict))
+        let can_wrap = if lacks("wrapKey") {
+            Err(format!("azure key {key_id} does not allow wrapKey (key_ops)"))
+        } else if attributes.expires.is_some_and(|exp| exp <= now) {
+            Err(format!("azure key {key_id} has expired (exp)"))
+        } else if attributes.not_before.is_some_and(|nbf| nbf > now) {
+            Err(format!("azure key {key_id} is not valid yet (nbf)"))
+        } else {
+            Ok(())
+        };
+        Ok((key_id, verdict, can_wrap))
     }
 
     #[allow(clippy::field_reassign_with_default)] // the model is #[non_exhaustive]
@@ -374,25 +403,63 @@ impl AzureBackend {
             .map_err(|e: azure_core::Error| BackendError::new(ErrorKind::Transient, format!("azure: request: {e}")))
     }
 
-    /// The result of a wrap or unwrap, checked to come from the version asked.
-    fn result(&self, what: &str, name: &str, version: &str, out: KeyOperationResult) -> Result<Vec<u8>, BackendError> {
-        let from_version = out
-            .kid
-            .as_deref()
-            .map(|kid| kid.trim_end_matches('/').ends_with(&format!("/keys/{name}/{version}")))
-            .unwrap_or(true);
-        if !from_version {
-            return Err(BackendError::new(
-                ErrorKind::Transient,
-                format!("azure {what}: answered under another key version than asked"),
-            ));
-        }
-        out.result.ok_or_else(|| {
+    /// The result of a wrap or unwrap, checked to come from the version asked (Key Vault's
+    /// identifiers are case-insensitive), and the key_id the answer's `kid` confirms (None when
+    /// it has no kid).
+    fn result(
+        &self,
+        what: &str,
+        name: &str,
+        version: &str,
+        out: KeyOperationResult,
+    ) -> Result<(Vec<u8>, Option<String>), BackendError> {
+        let confirmed = match out.kid.as_deref() {
+            None => None,
+            Some(kid) => {
+                let mut segments = kid.trim_end_matches('/').rsplit('/');
+                let (v, n, keys) = (segments.next(), segments.next(), segments.next());
+                let same = v.is_some_and(|v| v.eq_ignore_ascii_case(version))
+                    && n.is_some_and(|n| n.eq_ignore_ascii_case(name))
+                    && keys == Some("keys");
+                if !same {
+                    return Err(BackendError::new(
+                        ErrorKind::Transient,
+                        format!("azure {what}: answered under another key version than asked"),
+                    ));
+                }
+                Some(self.key_id(name, version))
+            }
+        };
+        let value = out.result.ok_or_else(|| {
             BackendError::new(
                 ErrorKind::Transient,
                 format!("azure {what}: malformed answer (no value)"),
             )
-        })
+        })?;
+        Ok((value, confirmed))
+    }
+
+    /// The older versions the next probe reads: all of them, or [`PER_PROBE`] of them taken
+    /// round-robin.
+    fn next_round(&self, mut older: Vec<String>) -> Vec<String> {
+        if older.len() <= PER_PROBE {
+            return older;
+        }
+        older.sort();
+        let mut cursor = self.cursor.lock().unwrap_or_else(PoisonError::into_inner);
+        let start = *cursor % older.len();
+        *cursor = start + PER_PROBE;
+        older.into_iter().cycle().skip(start).take(PER_PROBE).collect()
+    }
+
+    /// Reads an older version (`None`: nothing to read), recording what Key Vault says of it.
+    async fn check_older(&self, key_id: Option<&String>) {
+        if let Some((name, version)) = key_id.and_then(|k| self.parse_key_id(k))
+            && let Err(e) = self.read_key(name, Some(version)).await
+            && e.kind != ErrorKind::KeyUnusable
+        {
+            tracing::warn!(error = %e, "azure: could not read an older key version");
+        }
     }
 }
 
@@ -401,9 +468,10 @@ fn valid_name(name: &str) -> bool {
     (1..=127).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
-/// Key versions: 32 hex digits on Key Vault; letters and digits, bounded, to be lenient.
+/// Key versions: 32 lower-case hex digits, as Key Vault and Managed HSM spell them. Identifiers
+/// are case-insensitive to the service, so any other spelling would be an alias of a version.
 fn valid_version(version: &str) -> bool {
-    (1..=64).contains(&version.len()) && version.bytes().all(|b| b.is_ascii_alphanumeric())
+    version.len() == 32 && version.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 #[async_trait]
@@ -412,21 +480,38 @@ impl Backend for AzureBackend {
         "azure"
     }
 
+    /// Reads the current version, then up to [`PER_PROBE`] older versions this process used,
+    /// four at a time, all within [`PROBE_BUDGET`]: disabled or deleted ones are refused. A
+    /// current version that can no longer wrap (expired, not yet valid, no wrapKey) is an error
+    /// of the set-up (`Configuration`): its data still decrypts, nothing is revoked.
     async fn probe(&self) -> Result<String, BackendError> {
-        let current = self.read_key(&self.key, None).await?;
+        let deadline = tokio::time::Instant::now() + PROBE_BUDGET;
+        let (current, can_wrap) = self.read_key(&self.key, None).await?;
         self.watch(&current);
-        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(current.clone());
-        // Older versions this process used: disabled or expired ones are refused.
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = can_wrap.is_ok().then(|| current.clone());
         let older: Vec<String> = self.versions().keys().filter(|k| **k != current).cloned().collect();
-        for key_id in older {
-            if let Some((name, version)) = self.parse_key_id(&key_id)
-                && let Err(e) = self.read_key(name, Some(version)).await
-                && e.kind != ErrorKind::KeyUnusable
-            {
-                tracing::warn!(error = %e, "azure: could not read an older key version");
+        for wave in self.next_round(older).chunks(4) {
+            let reads = async {
+                tokio::join!(
+                    self.check_older(wave.first()),
+                    self.check_older(wave.get(1)),
+                    self.check_older(wave.get(2)),
+                    self.check_older(wave.get(3)),
+                )
+            };
+            if tokio::time::timeout_at(deadline, reads).await.is_err() {
+                tracing::warn!(
+                    "azure: the probe ran out of time reading older key versions; the next probes read them"
+                );
+                break;
             }
         }
-        Ok(current)
+        can_wrap.map(|()| current).map_err(|why| {
+            BackendError::new(
+                ErrorKind::Configuration,
+                format!("{why}: it still decrypts, but wraps nothing; make a new version current"),
+            )
+        })
     }
 
     fn knows(&self, key_id: &str) -> bool {
@@ -475,11 +560,11 @@ impl Backend for AzureBackend {
             ..Default::default()
         };
         let out = self
-            .timed("wrapKey", async {
+            .timed("wrapKey", &[&kek.expose()[..]], async {
                 self.client.wrap_key(name, params, Some(options)).await?.into_model()
             })
             .await?;
-        let blob = self.result("wrapKey", name, version, out)?;
+        let (blob, _) = self.result("wrapKey", name, version, out)?;
         if blob.is_empty() || blob.len() > self.algorithm.max_wrapped() {
             return Err(BackendError::new(
                 ErrorKind::Transient,
@@ -507,18 +592,22 @@ impl Backend for AzureBackend {
         }
         let params = self.parameters(blob.to_vec())?;
         let out = self
-            .timed("unwrapKey", async {
+            .timed("unwrapKey", &[blob], async {
                 self.client.unwrap_key(name, version, params, None).await?.into_model()
             })
             .await?;
-        let plain = Zeroizing::new(self.result("unwrapKey", name, version, out)?);
+        let (plain, confirmed) = self.result("unwrapKey", name, version, out)?;
+        let plain = Zeroizing::new(plain);
         let kek = Kek::from_bytes(&plain).ok_or_else(|| {
             BackendError::new(
                 ErrorKind::Transient,
                 "azure unwrapKey: malformed answer (unwrapped KEK has the wrong length)",
             )
         })?;
-        self.watch(key_id);
+        // Watched only as the vault's answer named it: never a spelling the caller chose.
+        if let Some(key_id) = confirmed {
+            self.watch(&key_id);
+        }
         Ok(kek)
     }
 
@@ -549,5 +638,78 @@ mod tests {
         assert!(!valid_name(""));
         assert!(valid_version("0123456789abcdef0123456789abcdef"));
         assert!(!valid_version("../x"));
+        // Aliases of a version (Key Vault's identifiers are case-insensitive) are not versions.
+        assert!(!valid_version("0123456789ABCDEF0123456789abcdef"));
+        assert!(!valid_version("0123456789abcdef0123456789abcdef0"));
+    }
+
+    fn backend() -> AzureBackend {
+        let settings: AzureSettings = serde_json::from_value(serde_json::json!({
+            "vault_url": "https://kv.vault.azure.net",
+            "key": "k",
+            "auth": {"method": "managed_identity"},
+        }))
+        .unwrap();
+        AzureBackend::new(&settings).unwrap()
+    }
+
+    const VERSION: &str = "0123456789abcdef0123456789abcdef";
+
+    fn bundle(attributes: &str, ops: &str) -> Key {
+        serde_json::from_str(&format!(
+            r#"{{"key":{{"kid":"https://kv.vault.azure.net/keys/k/{VERSION}","kty":"RSA","key_ops":{ops}}},"attributes":{attributes}}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn expiry_stops_wrapping_never_unwrapping() {
+        let b = backend();
+        let all = r#"["wrapKey","unwrapKey"]"#;
+        let judged = |attributes: &str, ops: &str| {
+            let (key_id, decrypts, wraps) = b.judge("k", None, &bundle(attributes, ops)).unwrap();
+            assert_eq!(key_id, format!("https://kv.vault.azure.net/keys/k/{VERSION}"));
+            (decrypts.is_ok(), wraps.is_ok())
+        };
+        assert_eq!(judged(r#"{"enabled":true}"#, all), (true, true));
+        // Expired, not yet valid (whatever the local clock says): still decrypts.
+        assert_eq!(judged(r#"{"enabled":true,"exp":1000}"#, all), (true, false));
+        assert_eq!(judged(r#"{"enabled":true,"nbf":99999999999}"#, all), (true, false));
+        // An older version needs unwrapKey only.
+        assert_eq!(judged(r#"{"enabled":true}"#, r#"["unwrapKey"]"#), (true, false));
+        assert_eq!(judged(r#"{"enabled":true}"#, r#"["wrapKey"]"#), (false, true));
+        assert_eq!(judged(r#"{"enabled":false}"#, all), (false, true));
+    }
+
+    #[test]
+    fn answers_are_matched_case_insensitively_and_name_the_canonical_key_id() {
+        let b = backend();
+        let out = |kid: &str| -> KeyOperationResult {
+            serde_json::from_str(&format!(r#"{{"kid":"{kid}","value":"AAAA"}}"#)).unwrap()
+        };
+        let upper = format!("https://KV.vault.azure.net/keys/K/{}", VERSION.to_uppercase());
+        let (_, confirmed) = b.result("unwrapKey", "k", VERSION, out(&upper)).unwrap();
+        assert_eq!(
+            confirmed.as_deref(),
+            Some(format!("https://kv.vault.azure.net/keys/k/{VERSION}").as_str())
+        );
+        let other = "https://kv.vault.azure.net/keys/k/ffffffffffffffffffffffffffffffff";
+        assert!(b.result("unwrapKey", "k", VERSION, out(other)).is_err());
+        // An alias of a version is not a key_id of this backend: never unwrapped, never watched.
+        assert!(!b.knows(&format!("https://kv.vault.azure.net/keys/k/{}", VERSION.to_uppercase())));
+    }
+
+    #[test]
+    fn older_versions_are_read_round_robin() {
+        let b = backend();
+        let older: Vec<String> = (0..20).map(|i| format!("v{i:02}")).collect();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..3 {
+            let round = b.next_round(older.clone());
+            assert_eq!(round.len(), PER_PROBE);
+            seen.extend(round);
+        }
+        assert_eq!(seen.len(), 20, "three rounds of 8 cover 20 versions");
+        assert_eq!(b.next_round(older[..3].to_vec()).len(), 3);
     }
 }

@@ -26,7 +26,7 @@
 //! `EXTERNAL_VPC` keys it is an outage, never a refusal.
 
 mod credentials;
-mod said;
+use super::said;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
