@@ -42,24 +42,18 @@ pub struct AwsSettings {
     /// Extra encryption context bound to every wrap.
     #[serde(default)]
     pub encryption_context: BTreeMap<String, String>,
-    #[serde(default = "default_call_timeout", deserialize_with = "crate::parse::duration")]
+    #[serde(
+        default = "crate::backend::call_budget::call_timeout",
+        deserialize_with = "crate::parse::duration"
+    )]
     pub call_timeout: Duration,
-    #[serde(default = "default_attempt_timeout", deserialize_with = "crate::parse::duration")]
+    #[serde(
+        default = "crate::backend::call_budget::attempt_timeout",
+        deserialize_with = "crate::parse::duration"
+    )]
     pub attempt_timeout: Duration,
-    #[serde(default = "default_max_attempts")]
+    #[serde(default = "crate::backend::call_budget::max_attempts")]
     pub max_attempts: u32,
-}
-
-fn default_call_timeout() -> Duration {
-    Duration::from_millis(2000)
-}
-
-fn default_attempt_timeout() -> Duration {
-    Duration::from_millis(700)
-}
-
-fn default_max_attempts() -> u32 {
-    3
 }
 
 impl AwsSettings {

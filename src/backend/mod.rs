@@ -122,6 +122,24 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
+/// Defaults of the call budget the network backends share (vault and kmip take only the call
+/// timeout): a whole call, retries included, well inside the 3 s the apiserver allows a Decrypt.
+pub(crate) mod call_budget {
+    use std::time::Duration;
+
+    pub fn call_timeout() -> Duration {
+        Duration::from_millis(2000)
+    }
+
+    pub fn attempt_timeout() -> Duration {
+        Duration::from_millis(700)
+    }
+
+    pub fn max_attempts() -> u32 {
+        3
+    }
+}
+
 /// Runs a backend constructor on tokio's blocking pool: constructors read and parse files (root
 /// keys, PEMs, the system CA bundle), which must not hold up the async workers while a reload is
 /// built beside calls being served.

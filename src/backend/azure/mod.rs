@@ -78,30 +78,24 @@ pub struct AzureSettings {
     /// endpoint without a private DNS zone). The certificate is still checked against the name.
     pub vault_ip: Option<IpAddr>,
     /// Each operation's deadline, retries included (the apiserver allows 3 s for a Decrypt).
-    #[serde(default = "default_call_timeout", deserialize_with = "crate::parse::duration")]
+    #[serde(
+        default = "crate::backend::call_budget::call_timeout",
+        deserialize_with = "crate::parse::duration"
+    )]
     pub call_timeout: Duration,
     /// Each HTTP attempt's deadline.
-    #[serde(default = "default_attempt_timeout", deserialize_with = "crate::parse::duration")]
+    #[serde(
+        default = "crate::backend::call_budget::attempt_timeout",
+        deserialize_with = "crate::parse::duration"
+    )]
     pub attempt_timeout: Duration,
-    #[serde(default = "default_max_attempts")]
+    #[serde(default = "crate::backend::call_budget::max_attempts")]
     pub max_attempts: u32,
     pub auth: AuthSettings,
 }
 
 fn default_algorithm() -> String {
     "RSA-OAEP-256".into()
-}
-
-fn default_call_timeout() -> Duration {
-    Duration::from_millis(2000)
-}
-
-fn default_attempt_timeout() -> Duration {
-    Duration::from_millis(700)
-}
-
-fn default_max_attempts() -> u32 {
-    3
 }
 
 impl AzureSettings {

@@ -78,24 +78,18 @@ pub struct GcpSettings {
     pub credentials_file: Option<PathBuf>,
     /// Endpoint override (Private Service Connect, a regional endpoint, a test server).
     pub endpoint: Option<String>,
-    #[serde(default = "default_call_timeout", deserialize_with = "crate::parse::duration")]
+    #[serde(
+        default = "crate::backend::call_budget::call_timeout",
+        deserialize_with = "crate::parse::duration"
+    )]
     pub call_timeout: Duration,
-    #[serde(default = "default_attempt_timeout", deserialize_with = "crate::parse::duration")]
+    #[serde(
+        default = "crate::backend::call_budget::attempt_timeout",
+        deserialize_with = "crate::parse::duration"
+    )]
     pub attempt_timeout: Duration,
-    #[serde(default = "default_max_attempts")]
+    #[serde(default = "crate::backend::call_budget::max_attempts")]
     pub max_attempts: u32,
-}
-
-fn default_call_timeout() -> Duration {
-    Duration::from_millis(2000)
-}
-
-fn default_attempt_timeout() -> Duration {
-    Duration::from_millis(700)
-}
-
-fn default_max_attempts() -> u32 {
-    3
 }
 
 impl GcpSettings {

@@ -105,16 +105,15 @@ pub struct KmipSettings {
     /// Connections kept open to the server (bounds concurrent KMIP calls).
     #[serde(default = "default_pool")]
     pub pool_size: usize,
-    #[serde(default = "default_call_timeout", deserialize_with = "crate::parse::duration")]
+    #[serde(
+        default = "crate::backend::call_budget::call_timeout",
+        deserialize_with = "crate::parse::duration"
+    )]
     pub call_timeout: Duration,
 }
 
 fn default_pool() -> usize {
     4
-}
-
-fn default_call_timeout() -> Duration {
-    Duration::from_secs(2)
 }
 
 impl KmipSettings {

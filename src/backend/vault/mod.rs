@@ -69,7 +69,10 @@ pub struct VaultSettings {
     #[serde(default)]
     pub decrypt_only_keys: Vec<String>,
     /// Each Vault call's deadline (the apiserver allows 3 s for the whole Decrypt).
-    #[serde(default = "default_call_timeout", deserialize_with = "crate::parse::duration")]
+    #[serde(
+        default = "crate::backend::call_budget::call_timeout",
+        deserialize_with = "crate::parse::duration"
+    )]
     pub call_timeout: Duration,
     pub auth: AuthSettings,
 }
@@ -100,10 +103,6 @@ impl VaultSettings {
 
 fn default_mount() -> String {
     "transit".into()
-}
-
-fn default_call_timeout() -> Duration {
-    Duration::from_secs(2)
 }
 
 /// What one well-formed read of a Transit key said.
