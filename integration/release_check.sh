@@ -52,5 +52,7 @@ enabled = false
 type = "local"
 current_key_file = "$work/host/root-1.key"
 TOML
-"$root/bin/kms-plugin" check --config "$work/host/config.toml" | grep -q 'wrap/unwrap round trip succeeded'
+# Captured first: `| grep -q` exits at the match and the rest of the output meets a closed pipe.
+checked=$("$root/bin/kms-plugin" check --config "$work/host/config.toml")
+grep -q 'wrap/unwrap round trip succeeded' <<<"$checked"
 echo "release tarball ok: $(basename "$tarball") $(du -k "$tarball" | cut -f1) KiB"
