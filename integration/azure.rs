@@ -390,13 +390,7 @@ async fn echoed_requests_never_reach_the_logs() {
     kv.admin(&["hostile", "echo-token"]);
     let before = echoed().len();
     for auth in [Auth::ClientSecret, Auth::ClientCertificate, Auth::WorkloadIdentity] {
-        let out = Command::new(BIN)
-            .args(["check", "--config", kv.config(&dir, auth, "").to_str().unwrap()])
-            .env_remove("RUST_LOG")
-            .envs(kv.env(auth))
-            .output()
-            .unwrap();
-        let (ok, out) = outcome(&out);
+        let (ok, out) = check_env(&kv.config(&dir, auth, ""), &kv.env(auth));
         assert!(!ok, "{out}");
         assert!(out.contains("AADSTS900144"), "{auth:?}: {out}");
         crate::common::leaks::assert_no_leaks(&out, &echoed());

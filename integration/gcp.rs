@@ -4,8 +4,6 @@
 //! The three credential sources tested: a service-account key file (self-signed JWTs, verified
 //! by the emulator), the metadata server, and workload identity federation (STS exchange).
 
-use std::process::Command;
-
 use tonic::Code;
 
 use crate::common::gcp::GcpKms;
@@ -29,13 +27,7 @@ async fn metadata_server_credentials() {
     let mut env = kms.env();
     // No gcloud file, no GOOGLE_APPLICATION_CREDENTIALS: ADC must reach the metadata server.
     env.push(("HOME", dir.path("home").display().to_string()));
-    let out = Command::new(env!("CARGO_BIN_EXE_kms-plugin"))
-        .args(["check", "--config", config.to_str().unwrap()])
-        .envs(env.iter().cloned())
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    let (ok, text) = outcome(&out);
+    let (ok, text) = check_env(&config, &env);
     assert!(ok && text.contains("ok: backend gcp current key_id"), "{text}");
     let plugin = Plugin::start_env(&config, &env).await;
     assert_eq!(round_trip(&plugin).await, format!("{key}/cryptoKeyVersions/1"));
@@ -87,13 +79,7 @@ async fn an_unknown_service_account_is_refused_at_start() {
     std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let line = format!("credentials_file = {:?}", file.display().to_string());
     let config = dir.write_config(&kms.config(&dir, &key, &[], &line, ""));
-    let out = Command::new(env!("CARGO_BIN_EXE_kms-plugin"))
-        .args(["check", "--config", config.to_str().unwrap()])
-        .envs(kms.env())
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    let (ok, text) = outcome(&out);
+    let (ok, text) = check_env(&config, &kms.env());
     assert!(!ok, "{text}");
     assert!(text.contains("UNAUTHENTICATED"), "{text}");
     assert!(!text.contains("BEGIN PRIVATE KEY"), "{text}");
@@ -189,20 +175,13 @@ async fn a_corrupted_answer_is_not_used() {
     };
     let err = c.encrypt(request).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert_eq!(suite_status(&c).await, Some(Code::Unavailable));
+    let refused = crate::suite::try_status(&c).await.err().map(|e| e.code());
+    assert_eq!(refused, Some(Code::Unavailable));
 
     kms.admin("/admin/corrupt?on=0", &[]);
     plugin.wait_ready().await;
     assert_eq!(round_trip(&plugin).await, format!("{key}/cryptoKeyVersions/1"));
     plugin.stop().await;
-}
-
-async fn suite_status(c: &kms_plugin::client::Client) -> Option<Code> {
-    c.clone()
-        .status(kms_plugin::proto::v2::StatusRequest {})
-        .await
-        .err()
-        .map(|e| e.code())
 }
 
 /// A Decrypt request pairs a key_id with a blob of its choosing: an enabled version's key_id

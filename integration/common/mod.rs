@@ -392,9 +392,15 @@ where
 
 /// Runs `kms-plugin check --config <config>`: (success, stdout and stderr).
 pub fn check(config: &Path) -> (bool, String) {
+    check_env::<&str>(config, &[])
+}
+
+/// [`check`] with extra environment variables (a server's CA, its credentials).
+pub fn check_env<V: AsRef<std::ffi::OsStr>>(config: &Path, env: &[(&str, V)]) -> (bool, String) {
     let out = Command::new(BIN)
         .args(["check", "--config", config.to_str().unwrap()])
         .env_remove("RUST_LOG")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .unwrap();
     outcome(&out)
